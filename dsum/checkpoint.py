@@ -1,0 +1,125 @@
+"""Checkpoints: atomic save, resume from the newest complete one, and the final export.
+
+A checkpoint is written into `checkpoints/step-N.tmp`, completed with a `COMPLETE` marker, then
+renamed to `checkpoints/step-N`; a kill mid-save leaves only a `.tmp` that resume ignores. It holds
+Accelerate's state (model, optimizer, scheduler; DeepSpeed shards under ZeRO), one RNG file per
+rank, and `trainer_state.json` with the step to continue from. `final/` holds what users load:
+full weights as safetensors (consolidated under ZeRO-3) or the LoRA adapter, with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsum import distributed
+from dsum.config import RecipeError
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINTS / f"step-{step:08d}"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(output_dir: Path, resume: str) -> Path:
+    """The checkpoint that `--resume latest` or `--resume PATH` names."""
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise RecipeError(f"--resume latest: no complete checkpoint in {output_dir / CHECKPOINTS}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file() or not (path / MARKER).is_file():
+        raise RecipeError(f"--resume {resume}: not a complete dsum checkpoint (expected {STATE_FILE} and {MARKER})")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Save on every rank into a temporary directory, then complete and rename it on rank 0."""
+    final = checkpoint_path(output_dir, state["global_step"])
+    tmp = final.with_name(final.name + ".tmp")
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    accelerator.save_state(str(tmp))
+    torch.save(rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
+    distributed.barrier()
+    if distributed.is_main():
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / MARKER).write_text("")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
+    state = json.loads((path / STATE_FILE).read_text())
+    accelerator.load_state(str(path))
+    rng = path / f"rng_state_{distributed.rank()}.pt"
+    if not rng.is_file():
+        raise RecipeError(f"--resume {path}: no RNG state for rank {distributed.rank()}; was it saved with fewer processes?")
+    set_rng_state(torch.load(rng, weights_only=True))
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
+    """Write `final/`: safetensors of the full model or the adapter, and the tokenizer beside it."""
+    final = output_dir / FINAL
+    state_dict = accelerator.get_state_dict(model)  # every rank takes part: ZeRO-3 gathers here
+    if distributed.is_main():
+        tmp = final.with_name(FINAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    distributed.barrier()
+    return final

@@ -1,0 +1,309 @@
+"""The recipe schema: every setting dsum reads, its type, its default and its limits.
+
+A recipe is a YAML file validated against `Recipe`; `key.sub=value` overrides from the command line
+are applied to the YAML before validation, so they are typed by the same schema. Nothing else in
+the package restates a default: it reads it from the validated `Recipe`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe, an override or a data file that cannot be used; the message is one line for people."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelConfig(Section):
+    family: Literal["seq2seq", "causal"] = Field(
+        description="seq2seq (T5-style encoder-decoder) or causal (decoder-only, Llama-style)"
+    )
+    name_or_path: str | None = Field(None, description="Hub id or local directory of a pretrained model")
+    architecture: dict[str, Any] | str | None = Field(
+        None,
+        description="random init instead of pretrained weights: an inline config (with model_type) or a config.json path",
+    )
+    revision: str | None = None
+    dtype: Dtype = Field("float32", description="dtype the base weights are loaded in")
+    trust_remote_code: bool = False
+    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None lets transformers choose")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("set exactly one of model.name_or_path (pretrained weights) and model.architecture (random init)")
+        if isinstance(self.architecture, dict) and "model_type" not in self.architecture:
+            raise ValueError("model.architecture needs a model_type (for example t5 or llama)")
+        return self
+
+
+class TokenizerConfig(Section):
+    name_or_path: str | None = Field(None, description="Hub id or path; defaults to model.name_or_path")
+    train: bool = Field(False, description="train a tokenizer on the training split (cached in the output directory)")
+    vocab_size: int = Field(2000, gt=16)
+    max_source_length: int = Field(512, gt=0, description="token budget of the prompt; the dialogue is cut to fit")
+    max_target_length: int = Field(128, gt=0, description="token budget of the summary; its end is cut to fit")
+
+
+class SyntheticConfig(Section):
+    train_size: int = Field(2000, gt=0)
+    validation_size: int = Field(64, gt=0)
+    test_size: int = Field(101, gt=0)
+    seed: int = 1234
+
+
+class DataConfig(Section):
+    source: str = Field("synthetic", description="'synthetic', a local directory of split files, or a Hub dataset id")
+    dialogue_field: str = "dialogue"
+    summary_fields: list[str] | None = Field(
+        None, description="reference columns; None uses 'summary', or 'summary1', 'summary2', ... when a split has those"
+    )
+    id_field: str | None = Field(None, description="id column; None uses 'id', then 'fname', then the row number")
+    train_split: str = "train"
+    validation_split: str = "validation"
+    max_train_samples: int | None = Field(None, gt=0)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+TEMPLATE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "t5": ("seq2seq",),
+    "llama2": ("causal",),
+    "plain": ("seq2seq", "causal"),
+}
+
+
+class PromptConfig(Section):
+    template: Literal["t5", "llama2", "plain"] | None = Field(
+        None, description="t5 (instruction), llama2 ([INST]) or plain; None picks by model family"
+    )
+    instruction: str = "Summarize the following conversation."
+    system: str | None = Field(None, description="system prompt, for templates that have one")
+
+
+class AdapterConfig(Section):
+    method: Literal["none", "lora", "qlora"] = "none"
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names to adapt; None uses peft's default for the architecture"
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantizationConfig(Section):
+    """How the frozen base is stored when adapter.method is qlora."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Dtype = "bfloat16"
+    double_quant: bool = True
+    storage_dtype: Dtype | Literal["uint8"] = Field(
+        "uint8", description="dtype the 4-bit weights are packed in; under ZeRO-3 it must equal model.dtype"
+    )
+
+
+class TrainConfig(Section):
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"] = "adamw"
+    learning_rate: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="used when warmup_steps is 0")
+    num_epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides num_epochs")
+    per_device_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="validation loss every N optimizer steps; None: only at the end")
+    eval_max_batches: int | None = Field(None, gt=0, description="validation subset: at most N batches per rank")
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps; None: none mid-run")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers; one that is not installed is skipped"
+    )
+
+
+class EvalConfig(Section):
+    split: str = "test"
+    max_samples: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    num_beams: int = Field(1, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    after_training: bool = Field(True, description="generate and score eval.split at the end of dsum train")
+
+
+class Recipe(Section):
+    model: ModelConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        family = self.model.family
+        if self.prompt.template is not None and family not in TEMPLATE_FAMILIES[self.prompt.template]:
+            raise ValueError(
+                f"prompt.template {self.prompt.template!r} is for {' or '.join(TEMPLATE_FAMILIES[self.prompt.template])} "
+                f"models, but model.family is {family!r}"
+            )
+        if self.tokenizer.name_or_path is None and not self.tokenizer.train and self.model.name_or_path is None:
+            raise ValueError("a randomly initialised model needs tokenizer.name_or_path or tokenizer.train: true")
+        if self.adapter.method == "qlora" and self.quantization.compute_dtype == "float16" and family == "seq2seq":
+            raise ValueError("quantization.compute_dtype float16 overflows in T5-style models; use bfloat16 or float32")
+        return self
+
+    @property
+    def template(self) -> str:
+        """The prompt template in force: the recipe's, or the family's own."""
+        if self.prompt.template is not None:
+            return self.prompt.template
+        return "t5" if self.model.family == "seq2seq" else "plain"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overriding and explaining errors
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "it is not valid YAML"
+        raise RecipeError(f"recipe {path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path}: not UTF-8 text") from None
+    if raw is None:
+        raise RecipeError(f"recipe {path}: the file is empty; expected a mapping with at least model and output_dir")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path}: expected a mapping of sections (model, train, ...), found a {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {explain(err.errors()[0])}") from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `key.sub=value` in the raw recipe, parsing the value by the type the schema gives the key."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {item!r}: expected key.sub=value, for example train.learning_rate=2e-4")
+    parts = key.split(".")
+    model: type[BaseModel] = Recipe
+    node = raw
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            prefix = ".".join(parts[:depth])
+            raise RecipeError(f"override {key!r}: unknown key {part!r}{_nearest(part, fields, prefix)}")
+        annotation = fields[part].annotation
+        last = depth == len(parts) - 1
+        section = _section_type(annotation)
+        if last:
+            node[part] = _parse_value(text, annotation, key)
+        elif section is None:
+            raise RecipeError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node, model = child, section
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Strings stay as typed; everything else is read as a YAML scalar or flow list, then validated."""
+    if _accepts_plain_string(annotation) and not text.startswith(("[", "{")) and text not in ("null", "~"):
+        return text
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        raise RecipeError(f"override {key!r}: cannot parse value {text!r}") from None
+
+
+def _accepts_plain_string(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return str in args and not any(typing.get_origin(a) is Literal for a in args)
+    return False
+
+
+def _nearest(name: str, candidates: typing.Iterable[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    if not match:
+        return ""
+    return f" (did you mean {prefix + '.' if prefix else ''}{match[0]}?)"
+
+
+def explain(error: dict[str, Any]) -> str:
+    """One line from pydantic's first error: the dotted key, what was given and what was expected."""
+    loc = [str(p) for p in error.get("loc", ()) if not isinstance(p, int)]
+    key = ".".join(loc)
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        model: type[BaseModel] = Recipe
+        for part in loc[:-1]:
+            model = _section_type(model.model_fields[part].annotation) or model
+        return f"unknown key {key!r}{_nearest(loc[-1], model.model_fields, '.'.join(loc[:-1]))}"
+    if kind == "missing":
+        return f"missing required key {key!r}"
+    given = error.get("input")
+    message = error.get("msg", "invalid value").replace("Value error, ", "")
+    if kind == "value_error":
+        return f"{key + ': ' if key else ''}{message}"
+    shown = given if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"{key}: got {shown!r}; {message[0].lower() + message[1:]}"
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,149 @@
+"""Token features for training and generation: prompt tokens, label masks, truncation counts, padding.
+
+Seq2seq: the encoder reads the prompt (+ EOS); the labels are the summary (+ EOS).
+Causal: one row reads BOS + prompt + summary + EOS; labels copy it with the BOS and prompt set to -100,
+so the loss falls on summary tokens alone. When a prompt is over budget only the dialogue is cut;
+when a summary is, its end is cut, never its start. Batches are padded to their own longest row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from dsum import prompts
+from dsum.config import Recipe, RecipeError
+from dsum.data import Example
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Feature:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TruncationStats:
+    examples: int = 0
+    dialogues_truncated: int = 0
+    summaries_truncated: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "examples": self.examples,
+            "dialogues_truncated": self.dialogues_truncated,
+            "summaries_truncated": self.summaries_truncated,
+        }
+
+
+@dataclass
+class Featurizer:
+    """Turns examples into token ids under one recipe's template and budgets."""
+
+    recipe: Recipe
+    tokenizer: object
+    stats: TruncationStats = field(default_factory=TruncationStats)
+
+    def __post_init__(self) -> None:
+        self.family = self.recipe.model.family
+        self.template = self.recipe.template
+        self.bos = [self.tokenizer.bos_token_id] if self.family == "causal" and self.tokenizer.bos_token_id is not None else []
+        self.eos = self.tokenizer.eos_token_id
+        if self.eos is None:
+            raise RecipeError("tokenizer: it has no EOS token; summaries need one to end")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prompt_ids(self, dialogue: str) -> list[int]:
+        """Prompt tokens with the dialogue cut to fit tokenizer.max_source_length, plus the family's specials."""
+        parts = prompts.render(self.template, self.recipe.prompt, dialogue)
+        prefix, body, suffix = self._ids(parts.prefix), self._ids(parts.dialogue), self._ids(parts.suffix)
+        specials = len(self.bos) + (1 if self.family == "seq2seq" else 0)
+        budget = self.recipe.tokenizer.max_source_length - len(prefix) - len(suffix) - specials
+        if budget < 1:
+            raise RecipeError(
+                f"tokenizer.max_source_length: {self.recipe.tokenizer.max_source_length} tokens leave no room for the "
+                f"dialogue after the {len(prefix) + len(suffix)}-token instruction; raise it"
+            )
+        if len(body) > budget:
+            body = body[:budget]
+            self.stats.dialogues_truncated += 1
+        ids = self.bos + prefix + body + suffix
+        return ids + [self.eos] if self.family == "seq2seq" else ids
+
+    def summary_ids(self, summary: str) -> list[int]:
+        ids = self._ids(prompts.summary_text(self.template, summary))
+        keep = self.recipe.tokenizer.max_target_length - 1
+        if len(ids) > keep:
+            ids = ids[:keep]
+            self.stats.summaries_truncated += 1
+        return ids + [self.eos]
+
+    def training_feature(self, example: Example) -> Feature:
+        self.stats.examples += 1
+        source = self.prompt_ids(example.dialogue)
+        target = self.summary_ids(example.references[0])
+        if self.family == "seq2seq":
+            return Feature(input_ids=source, labels=target)
+        return Feature(input_ids=source + target, labels=[IGNORE_INDEX] * len(source) + target)
+
+    def training_features(self, examples: Sequence[Example]) -> list[Feature]:
+        return [self.training_feature(e) for e in examples]
+
+
+@dataclass
+class Collator:
+    """Pads a list of features to the longest row in it; seq2seq batches get decoder inputs too."""
+
+    pad_token_id: int
+    decoder_start_token_id: int | None = None  # set for seq2seq models
+
+    def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
+        input_ids = pad([f.input_ids for f in features], self.pad_token_id)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": pad([[1] * len(f.input_ids) for f in features], 0),
+            "labels": pad([f.labels for f in features], IGNORE_INDEX),
+        }
+        if self.decoder_start_token_id is not None:
+            batch["decoder_input_ids"] = shift_right(batch["labels"], self.decoder_start_token_id, self.pad_token_id)
+        return batch
+
+
+def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, width - len(row) :] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: the start token, then the labels without their last token."""
+    shifted = labels.new_full(labels.shape, pad_token_id)
+    shifted[:, 0] = start_token_id
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
+
+
+def num_target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is taken over (causal labels are shifted by one, so the first column never counts)."""
+    labels = batch["labels"] if "decoder_input_ids" in batch else batch["labels"][:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def num_real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens processed: encoder and decoder tokens for seq2seq, the one row for causal."""
+    real = int(batch["attention_mask"].sum())
+    if "decoder_input_ids" in batch:
+        real += int((batch["labels"] != IGNORE_INDEX).sum())
+    return real

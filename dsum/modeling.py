@@ -1,0 +1,250 @@
+"""Tokenizer and model for a recipe: from the Hub, a local path, or built here; with LoRA or QLoRA.
+
+A randomly initialised base is written once to `<output_dir>/base` and always loaded from there, so
+that adapters, resumed runs and every rank see the same weights. A tokenizer trained on the training
+split is cached in `<output_dir>/tokenizer` the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from dsum import prompts
+from dsum.config import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+BASE_DIR = "base"
+TOKENIZER_DIR = "tokenizer"
+T5_TYPES = ("t5", "mt5", "umt5", "longt5")
+SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
+
+
+def auto_class(family: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(recipe: Recipe, output_dir: Path, corpus: Callable[[], Iterable[str]] | None = None):
+    """The recipe's tokenizer; a trained one is built from `corpus()` on first use and cached."""
+    from transformers import AutoTokenizer
+
+    if recipe.tokenizer.train:
+        cache = output_dir / TOKENIZER_DIR
+        if not (cache / "tokenizer.json").is_file():
+            if corpus is None:
+                raise RecipeError(f"tokenizer.train: no trained tokenizer in {cache}; train a run there first")
+            train_tokenizer(recipe, corpus()).save_pretrained(cache)
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+    else:
+        source = recipe.tokenizer.name_or_path or recipe.model.name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+            )
+        except OSError as err:
+            raise RecipeError(f"tokenizer: cannot load {source!r} ({first_line(err)})") from None
+    if tokenizer.pad_token is None:
+        # Llama-style tokenizers ship without a pad token; padding is masked, so any id will do.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def train_tokenizer(recipe: Recipe, texts: Iterable[str]):
+    """A byte-level BPE tokenizer trained on the given texts plus the prompt template's own words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.tokenizer.vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    template = prompts.render(recipe.template, recipe.prompt, "").text
+    tokenizer.train_from_iterator(_with_template(texts, template), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def _with_template(texts: Iterable[str], template: str) -> Iterable[str]:
+    yield from [template] * 100
+    yield from texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def model_config(recipe: Recipe, tokenizer) -> Any:
+    """The architecture config: a pretrained model's own, or the recipe's with the tokenizer's ids."""
+    from transformers import AutoConfig
+
+    m = recipe.model
+    if m.name_or_path is not None:
+        try:
+            config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        except OSError as err:
+            raise RecipeError(f"model.name_or_path: cannot load {m.name_or_path!r} ({first_line(err)})") from None
+    else:
+        arch = m.architecture
+        if isinstance(arch, str):
+            path = Path(arch)
+            if not path.is_file():
+                raise RecipeError(f"model.architecture: {arch}: no such config.json")
+            arch = json.loads(path.read_text())
+        arch = dict(arch)
+        model_type = arch.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except ValueError as err:
+            raise RecipeError(f"model.architecture: {first_line(err)}") from None
+        vocab = len(tokenizer)
+        if getattr(config, "vocab_size", vocab) < vocab or "vocab_size" not in arch:
+            config.vocab_size = vocab
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if name not in arch and getattr(tokenizer, name, None) is not None:
+                setattr(config, name, getattr(tokenizer, name))
+        if config.is_encoder_decoder and "decoder_start_token_id" not in arch:
+            config.decoder_start_token_id = tokenizer.pad_token_id
+    check_family(recipe, config)
+    return config
+
+
+def check_family(recipe: Recipe, config: Any) -> None:
+    family = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+    if family != recipe.model.family:
+        raise RecipeError(f"model.family: {recipe.model.family!r} does not match the {config.model_type} architecture ({family})")
+    if config.model_type in T5_TYPES and "float16" in (recipe.model.dtype, recipe.train.mixed_precision.replace("fp16", "float16")):
+        raise RecipeError("train.mixed_precision / model.dtype: fp16 overflows in T5 models; use bf16 or fp32")
+
+
+def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
+    """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there."""
+    from transformers import set_seed
+
+    base = output_dir / BASE_DIR
+    if not (base / "config.json").is_file():
+        set_seed(recipe.train.seed)
+        model = auto_class(recipe.model.family).from_config(config, dtype=torch_dtype(recipe.model.dtype))
+        model.save_pretrained(base)
+    return base
+
+
+def load_model(recipe: Recipe, source: str | Path, *, for_training: bool = True):
+    """Load the base from `source` (Hub id or path), quantized for QLoRA, wrapped in LoRA if asked."""
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(recipe.model.dtype),
+        "revision": recipe.model.revision if recipe.model.name_or_path else None,
+        "trust_remote_code": recipe.model.trust_remote_code,
+    }
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if recipe.adapter.method == "qlora":
+        kwargs["quantization_config"] = bnb_config(recipe)
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is true: code shipped with %s will run on this machine", source)
+    try:
+        model = auto_class(recipe.model.family).from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise RecipeError(f"model: cannot load {str(source)!r} ({first_line(err)})") from None
+    if for_training:
+        model = prepare_for_training(recipe, model)
+    return model
+
+
+def prepare_for_training(recipe: Recipe, model):
+    checkpointing = recipe.train.gradient_checkpointing
+    if recipe.adapter.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.config.use_cache = False
+    if recipe.adapter.method != "none":
+        model = add_lora(recipe, model)
+        if checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def add_lora(recipe: Recipe, model):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    a = recipe.adapter
+    config = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM if recipe.model.family == "seq2seq" else TaskType.CAUSAL_LM,
+        r=a.r,
+        lora_alpha=a.alpha,
+        lora_dropout=a.dropout,
+        target_modules=a.target_modules,
+        bias=a.bias,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise RecipeError(f"adapter.target_modules: {first_line(err)}") from None
+
+
+def bnb_config(recipe: Recipe):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_quant_storage=getattr(torch, q.storage_dtype),
+    )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as the values they hold, not the bytes."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n = n * 2 * param.element_size()  # bitsandbytes packs two 4-bit values per byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_parameters(model) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def meta_model(recipe: Recipe, config: Any):
+    """The architecture with LoRA applied, on the meta device: parameter counts without memory."""
+    with torch.device("meta"):
+        model = auto_class(recipe.model.family).from_config(config)
+        return add_lora(recipe, model) if recipe.adapter.method != "none" else model
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+

@@ -1,0 +1,189 @@
+"""What a run writes about itself: `run.json`, `metrics.jsonl`, tracker events, and the output-dir guard.
+
+`run.json` holds the resolved recipe, package versions, git commit, the true world size and the
+Accelerate/DeepSpeed configuration; its `status` is `running` until `final/` exists, then `finished`.
+Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from dsum import distributed
+from dsum.config import Recipe, RecipeError, recipe_to_dict
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+PACKAGES = ("dsum", "torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes", "tokenizers", "datasets")
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
+                   "comet_ml": "comet_ml", "clearml": "clearml"}
+
+
+def ensure_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to start over a run unless asked; never delete a directory that is not a dsum run."""
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    run_file = output_dir / RUN_FILE
+    if not run_file.is_file():
+        raise RecipeError(f"output_dir {output_dir} is not empty and holds no dsum run; choose another output_dir")
+    if not overwrite:
+        status = read_status(run_file)
+        hint = "pass --resume latest to continue it, or " if status != "finished" else ""
+        raise RecipeError(f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it")
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(output_dir)
+    distributed.barrier()
+
+
+def read_status(run_file: Path) -> str:
+    try:
+        return json.loads(run_file.read_text()).get("status", "unknown")
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+class RunInfo:
+    """`run.json`, rewritten at the start and the end of a run."""
+
+    def __init__(self, output_dir: Path, recipe: Recipe, accelerator, world_size: int):
+        self.path = output_dir / RUN_FILE
+        self.recipe = recipe
+        self.accelerator = accelerator
+        self.info: dict[str, Any] = {}
+        self.world_size = world_size
+
+    def start(self, **details: Any) -> None:
+        plan = details.pop("plan")
+        self.info = {
+            "status": "running",
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "recipe": recipe_to_dict(self.recipe),
+            "world_size": self.world_size,
+            "global_batch_size": plan.global_batch_size,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "num_train_examples": plan.num_examples,
+            **details,
+            "launch": launch_info(self.accelerator),
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "python": platform.python_version(),
+        }
+        self._write()
+
+    def finish(self, **details: Any) -> None:
+        self.info.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details)
+        self._write()
+
+    def _write(self) -> None:
+        if distributed.is_main():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.info, indent=2, default=str) + "\n")
+            tmp.replace(self.path)
+
+    def start_trackers(self, recipe: Recipe) -> "Trackers":
+        return Trackers(self.path.parent, recipe)
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per logged step. A resumed run drops lines past its checkpoint."""
+
+    def __init__(self, output_dir: Path, keep_through_step: int = 0):
+        self.path = output_dir / METRICS_FILE
+        if distributed.is_main():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if keep_through_step and self.path.is_file():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= keep_through_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if distributed.is_main():
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trackers:
+    """Experiment trackers on rank 0 (TensorBoard by default); those not installed are skipped with a note."""
+
+    def __init__(self, output_dir: Path, recipe: Recipe):
+        self.trackers = []
+        if not distributed.is_main():
+            return
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        config = flatten(recipe_to_dict(recipe))
+        for name in recipe.train.trackers:
+            if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+                log.warning("train.trackers: %s is not installed; skipping it", name)
+                continue
+            cls = LOGGER_TYPE_TO_CLASS[name]
+            tracker = cls("dsum", str(output_dir / name)) if name == "tensorboard" else cls("dsum")
+            tracker.start()
+            tracker.store_init_configuration(config)
+            self.trackers.append(tracker)
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+        for tracker in self.trackers:
+            tracker.log(scalars, step=step)
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return out
+
+
+def launch_info(accelerator) -> dict[str, Any]:
+    state = accelerator.state
+    info: dict[str, Any] = {
+        "distributed_type": str(state.distributed_type),
+        "accelerate_num_processes": state.num_processes,
+        "mixed_precision": str(state.mixed_precision),
+        "device": str(accelerator.device),
+    }
+    if state.deepspeed_plugin is not None:
+        info["deepspeed_config"] = json.loads(json.dumps(state.deepspeed_plugin.deepspeed_config, default=str))
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

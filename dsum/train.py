@@ -1,0 +1,311 @@
+"""The training loop: recipe in, `final/`, checkpoints, `metrics.jsonl` and `run.json` out.
+
+    dsum train recipes/tiny/t5-lora.yaml train.max_steps=20 output_dir=runs/t5
+    accelerate launch --config_file accelerate_configs/zero3.yaml -m dsum train RECIPE
+
+`train()` reads top to bottom: set up, load data and model, prepare, loop over optimizer steps,
+save. The loss of an optimizer step is the mean over every target token of its accumulation window
+on every rank, so 4 micro-batches of 2 on one rank, or 2 ranks with 2 each and 2 steps of
+accumulation, train exactly as one batch of 8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsum import checkpoint, distributed
+from dsum.batching import BatchPlan
+from dsum.config import Recipe, RecipeError, TrainConfig
+from dsum.data import Example, load_split
+from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_real_tokens, num_target_tokens
+from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
+from dsum.run_info import RunInfo, MetricsLog, ensure_fresh_output_dir
+
+log = logging.getLogger(__name__)
+
+
+def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train one recipe and return the directory of its `final/` export."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    output_dir = Path(recipe.output_dir)
+    cfg = recipe.train
+
+    # ---- set up: launch, output directory, seed -------------------------------------------
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        step_scheduler_with_optimizer=False,  # stepped below, once per optimizer step
+    )
+    check_launch(accelerator, cfg)
+    rank, world_size = distributed.rank(), distributed.world_size()
+    if resume is None:
+        ensure_fresh_output_dir(output_dir, overwrite)
+    set_seed(cfg.seed)
+
+    # ---- data, tokenizer, features ---------------------------------------------------------
+    train_examples = load_split(recipe.data, recipe.data.train_split)
+    val_examples = load_split(recipe.data, recipe.data.validation_split)
+    with distributed.main_first():
+        tokenizer = load_tokenizer(recipe, output_dir, corpus=lambda: corpus(train_examples))
+    featurizer = Featurizer(recipe, tokenizer)
+    train_features = featurizer.training_features(train_examples)
+    truncation = featurizer.stats.as_dict()
+    val_features = Featurizer(recipe, tokenizer).training_features(val_examples)
+    config = model_config(recipe, tokenizer)
+    collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None)
+
+    # ---- model, optimizer, schedule --------------------------------------------------------
+    source: str | Path | None = recipe.model.name_or_path
+    if source is None:
+        with distributed.main_first(), zero3_init_disabled(accelerator):
+            source = materialize_base(recipe, config, output_dir).resolve()
+    model = load_model(recipe, source)
+    if distributed.is_main():
+        print(describe_parameters(model), flush=True)
+    plan = BatchPlan(len(train_features), cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
+                     world_size, rank, cfg.seed)
+    total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    configure_deepspeed(accelerator, cfg)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # ---- resume ----------------------------------------------------------------------------
+    step = 0
+    if resume is not None:
+        path = checkpoint.resolve_resume(output_dir, resume)
+        state = checkpoint.load_checkpoint(accelerator, path)
+        check_resumable(state, plan)
+        step = state["global_step"]
+        if distributed.is_main():
+            print(f"resumed from {path} at step {step}", flush=True)
+
+    run = RunInfo(output_dir, recipe, accelerator, world_size)
+    metrics = MetricsLog(output_dir, keep_through_step=step)
+    run.start(total_steps=total_steps, plan=plan, truncation=truncation, parameters=describe_parameters(model))
+    trackers = run.start_trackers(recipe)
+
+    # ---- loop ------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
+    model.train()
+    window_totals = torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, real tokens since last log
+    started = last_log = time.perf_counter()
+    while step < total_steps:
+        epoch, index = divmod(step, plan.steps_per_epoch)
+        window = plan.windows(epoch)[index]
+        batches = [collate([train_features[i] for i in ids]) for ids in window]
+
+        # Normalise by the window's target tokens on every rank, so the update is a per-token mean.
+        local_targets = sum(num_target_tokens(b) for b in batches)
+        (global_targets,) = distributed.sum_all([local_targets])
+        # Accelerate divides by gradient_accumulation_steps and DDP/DeepSpeed average over ranks: undo both.
+        scale = cfg.gradient_accumulation_steps * world_size / global_targets
+        # A short last window starts Accelerate's micro-step counter part-way, so that it still syncs.
+        accelerator.step = cfg.gradient_accumulation_steps - len(batches)
+        grad_norm = None
+        for batch in batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss_sum = token_loss_sum(model, batch, recipe.model.family, cfg.label_smoothing)
+                accelerator.backward(loss_sum * scale)
+                if accelerator.sync_gradients:
+                    grad_norm = clip_gradients(accelerator, model, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_totals += torch.tensor([loss_sum.item(), num_target_tokens(batch), num_real_tokens(batch)], dtype=torch.float64)
+        scheduler.step()
+        step += 1
+        progress.update(1)
+
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            loss_total, targets, real_tokens = distributed.sum_all(window_totals.tolist())
+            now = time.perf_counter()
+            record = {
+                "step": step,
+                "epoch": round(step / plan.steps_per_epoch, 4),
+                "loss": loss_total / max(targets, 1),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_second": real_tokens / (now - last_log),
+                "elapsed_seconds": now - started,
+            }
+            metrics.write(record)
+            trackers.log(record, step)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if not math.isfinite(record["loss"]):
+                raise RuntimeError(f"loss is {record['loss']} at step {step}; the last checkpoint is left as it was")
+            window_totals.zero_()
+            last_log = now
+
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+            val = validation_loss(model, val_features, collate, recipe, accelerator)
+            metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "validation_loss": val})
+            trackers.log({"validation_loss": val}, step)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+            checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan), cfg.save_total_limit)
+    progress.close()
+
+    # ---- save ------------------------------------------------------------------------------
+    val = validation_loss(model, val_features, collate, recipe, accelerator)
+    metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "validation_loss": val})
+    trackers.log({"validation_loss": val}, step)
+    final = checkpoint.save_final(accelerator, model, tokenizer, output_dir)
+    if recipe.eval.after_training:
+        from dsum.evaluate import evaluate
+
+        evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir / "eval",
+                 accelerator=accelerator)
+    run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=val)
+    trackers.finish()
+    accelerator.end_training()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], family: str, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy summed over the batch's target tokens (the caller divides by the window's count)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    if family == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
+
+
+@torch.no_grad()
+def validation_loss(model, features, collate, recipe: Recipe, accelerator) -> float:
+    """Mean token loss over the validation split (or its first eval_max_batches per rank), all ranks."""
+    cfg = recipe.train
+    plan = BatchPlan(len(features), cfg.per_device_batch_size, 1, distributed.world_size(), distributed.rank(),
+                     cfg.seed, shuffle=False)
+    batches = plan.micro_batches(0)[: cfg.eval_max_batches]
+    model.eval()
+    loss = targets = 0.0
+    for ids in batches:
+        batch = {k: v.to(accelerator.device) for k, v in collate([features[i] for i in ids]).items()}
+        loss += token_loss_sum(model, batch, recipe.model.family, 0.0).item()
+        targets += num_target_tokens(batch)
+    model.train()
+    loss, targets = distributed.sum_all([loss, targets])
+    return loss / max(targets, 1)
+
+
+def clip_gradients(accelerator, model, max_norm: float | None) -> float | None:
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else float("inf"))
+    return None if norm is None else float(norm)
+
+
+def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases and norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adam = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **adam)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    import bitsandbytes as bnb
+
+    optimizer_class = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[cfg.optimizer]
+    return optimizer_class(groups, **adam)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def check_launch(accelerator, cfg: TrainConfig) -> None:
+    """Gradient accumulation comes from the recipe alone; refuse a launch config that says otherwise."""
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+        raise RecipeError(
+            f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps} but the Accelerate launch sets "
+            f"{accelerator.gradient_accumulation_steps}; remove gradient_accumulation_steps from the Accelerate config"
+        )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        configured = plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+        if configured not in ("auto", cfg.gradient_accumulation_steps):
+            raise RecipeError(
+                f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps} but the DeepSpeed config sets "
+                f"{configured}; set it to auto there"
+            )
+
+
+def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
+    """Hand DeepSpeed the recipe's micro-batch, accumulation and clipping (we shard data ourselves)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_batch_size"] = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
+    ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
+
+
+def zero3_init_disabled(accelerator):
+    """Build a random base whole, not partitioned, so that it can be saved once and reloaded by all."""
+    from contextlib import nullcontext
+
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else nullcontext()
+
+
+def trainer_state(step: int, plan: BatchPlan) -> dict[str, Any]:
+    return {
+        "global_step": step,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "world_size": plan.world_size,
+        "per_device_batch_size": plan.per_device_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "num_examples": plan.num_examples,
+        "seed": plan.seed,
+    }
+
+
+def check_resumable(state: dict[str, Any], plan: BatchPlan) -> None:
+    """The data order is only the same if the batch layout is; say which setting moved."""
+    now = trainer_state(state["global_step"], plan)
+    for key, value in state.items():
+        if now.get(key) != value:
+            raise RecipeError(f"--resume: the checkpoint was made with {key}={value}, this run has {now.get(key)}; "
+                              "resume with the same recipe and number of processes")
+
+
+def corpus(examples: list[Example]):
+    for example in examples:
+        yield example.dialogue
+        yield from example.references

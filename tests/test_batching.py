@@ -1,0 +1,48 @@
+"""The batch plan: disjoint shards, equal work per rank, and layouts that see the same examples."""
+
+import pytest
+
+from dsum.batching import BatchPlan
+
+
+def plan(n=37, bs=2, ga=3, world=1, rank=0, seed=5, shuffle=True):
+    return BatchPlan(n, bs, ga, world, rank, seed, shuffle)
+
+
+def test_one_epoch_covers_every_example_once_per_rank_set():
+    for world in (1, 2, 3):
+        seen = [i for r in range(world) for mb in plan(world=world, rank=r).micro_batches(0) for i in mb]
+        assert sorted(set(seen)) == list(range(37))
+        assert len(seen) - 37 == -37 % world  # padding only to a multiple of the world size
+
+
+def test_every_rank_has_the_same_number_of_steps():
+    counts = {len(plan(world=3, rank=r).windows(0)) for r in range(3)}
+    assert counts == {plan(world=3).steps_per_epoch}
+
+
+def test_two_ranks_see_what_one_rank_with_twice_the_batch_sees():
+    # 36 examples: no padding, so the layouts hold exactly the same examples
+    single = plan(n=36, bs=4, ga=1, world=1).micro_batches(2)
+    ranks = [plan(n=36, bs=2, ga=1, world=2, rank=r).micro_batches(2) for r in range(2)]
+    for k, batch in enumerate(single):
+        assert sorted(batch) == sorted(ranks[0][k] + ranks[1][k])
+
+
+def test_accumulation_windows_match_one_large_batch():
+    windows = plan(n=40, bs=2, ga=4).windows(1)
+    large = plan(n=40, bs=8, ga=1).micro_batches(1)
+    assert [[i for mb in w for i in mb] for w in windows] == large
+
+
+def test_order_changes_by_epoch_and_is_fixed_by_seed():
+    assert plan().epoch_order(0) != plan().epoch_order(1)
+    assert plan().epoch_order(3) == plan().epoch_order(3)
+    assert plan(shuffle=False).epoch_order(0) == list(range(37))
+
+
+@pytest.mark.parametrize("epochs, max_steps, expected", [(1, None, 7), (2.5, None, 18), (1, 3, 3)])
+def test_total_steps(epochs, max_steps, expected):
+    p = plan()  # 37 examples, 19 micro-batches of 2, windows of 3 -> 7 steps an epoch
+    assert p.steps_per_epoch == 7
+    assert p.total_steps(epochs, max_steps) == expected

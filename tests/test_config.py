@@ -1,0 +1,82 @@
+"""The recipe schema: every shipped recipe validates; bad keys, types and overrides are named."""
+
+from pathlib import Path
+
+import pytest
+
+from dsum.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml")) + [ROOT / "dsum" / "demo.yaml"]
+
+
+def test_recipes_are_found():
+    names = {str(p.relative_to(ROOT)) for p in RECIPES}
+    for required in ("recipes/flan-t5-base/full.yaml", "recipes/flan-t5-base/lora.yaml",
+                     "recipes/flan-t5-large/full.yaml", "recipes/flan-t5-large/lora.yaml",
+                     "recipes/llama-2-7b/lora.yaml", "recipes/llama-2-7b/qlora.yaml",
+                     *(f"recipes/tiny/{f}-{m}.yaml" for f in ("t5", "llama") for m in ("full", "lora", "qlora"))):
+        assert required in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates_and_says_how_to_launch_it(path):
+    recipe = load_recipe(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), "a recipe begins with a comment"
+    assert "dsum train" in path.read_text().split("\nmodel:")[0] or path.name == "demo.yaml"
+    assert recipe.output_dir
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "model:\n  family: seq2seq\n  name_or_path: google/flan-t5-base\noutput_dir: runs/x\n"
+
+
+def test_overrides_are_typed_by_the_schema(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL), [
+        "train.learning_rate=2e-4", "output_dir=runs/123", "train.max_steps=7", "adapter.target_modules=[q,v]",
+        "train.gradient_checkpointing=true", "eval.max_samples=null",
+    ])
+    assert recipe.train.learning_rate == pytest.approx(2e-4)
+    assert recipe.output_dir == "runs/123"  # a string stays a string even when it looks like a number
+    assert recipe.train.max_steps == 7
+    assert recipe.adapter.target_modules == ["q", "v"]
+    assert recipe.train.gradient_checkpointing is True
+    assert recipe.eval.max_samples is None
+
+
+def test_required_keys_exist():
+    from dsum.config import Recipe
+
+    for key in ("max_steps", "num_epochs", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_steps", "eval_steps", "seed"):
+        assert key in Recipe.model_fields["train"].annotation.model_fields
+    assert "output_dir" in Recipe.model_fields
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    (MINIMAL + "trian:\n  seed: 1\n", [], "unknown key 'trian' (did you mean train?)"),
+    (MINIMAL + "train:\n  learning_rat: 1\n", [], "unknown key 'train.learning_rat' (did you mean train.learning_rate?)"),
+    (MINIMAL, ["train.lerning_rate=1"], "unknown key 'lerning_rate' (did you mean train.learning_rate?)"),
+    (MINIMAL, ["train.learning_rate=fast"], "train.learning_rate: got 'fast'"),
+    (MINIMAL, ["train.learning_rate=0"], "train.learning_rate: got 0; input should be greater than 0"),
+    (MINIMAL, ["train.max_steps=[1"], "override 'train.max_steps': cannot parse value '[1'"),
+    (MINIMAL, ["train"], "override 'train': expected key.sub=value"),
+    (MINIMAL, ["output_dir.x=1"], "output_dir is a value, not a section"),
+    ("model: [1\n", [], "malformed YAML at line"),
+    ("", [], "the file is empty"),
+    ("- 1\n- 2\n", [], "expected a mapping of sections"),
+    ("model:\n  family: causal\n  name_or_path: x\n", [], "missing required key 'output_dir'"),
+    (MINIMAL.replace("seq2seq", "causal") + "prompt:\n  template: t5\n", [], "prompt.template 't5' is for seq2seq"),
+    (MINIMAL + "adapter:\n  dropout: 1.0\n", [], "adapter.dropout: got 1.0"),
+])
+def test_bad_recipes_name_the_field(tmp_path, text, overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, text), overrides)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)

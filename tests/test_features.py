@@ -1,0 +1,92 @@
+"""Token features: label masks for both families, dialogue-only truncation, dynamic padding."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny
+from dsum.data import Example
+from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_target_tokens
+from dsum.modeling import train_tokenizer
+
+DIALOGUE = "#Person1#: Hello, I'd like to book a table for four on Friday.\n#Person2#: Certainly. What time?\n#Person1#: 7 pm."
+SUMMARY = "#Person1# books a table for four on Friday at 7 pm."
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    out = {}
+    for family in ("t5", "llama"):
+        recipe = tiny(f"{family}-full", tmp_path_factory.mktemp(family))
+        out[family] = (recipe, train_tokenizer(recipe, [DIALOGUE, SUMMARY] * 50))
+    return out
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode([i for i in ids if i != IGNORE_INDEX])
+
+
+def test_seq2seq_features_are_prompt_in_summary_out(tokenizers):
+    recipe, tok = tokenizers["t5"]
+    f = Featurizer(recipe, tok).training_feature(Example("a", DIALOGUE, (SUMMARY,)))
+    assert decode(tok, f.input_ids) == f"Summarize the following conversation.\n\n{DIALOGUE}\n\nSummary: </s>"
+    assert decode(tok, f.labels) == SUMMARY + "</s>"
+
+
+def test_causal_labels_mask_the_prompt(tokenizers):
+    recipe, tok = tokenizers["llama"]
+    f = Featurizer(recipe, tok).training_feature(Example("a", DIALOGUE, (SUMMARY,)))
+    assert len(f.input_ids) == len(f.labels)
+    supervised = [i for i, label in enumerate(f.labels) if label != IGNORE_INDEX]
+    first = supervised[0]
+    assert supervised == list(range(first, len(f.labels)))  # one block, to the end
+    assert all(label == IGNORE_INDEX for label in f.labels[:first])
+    assert f.input_ids[0] == tok.bos_token_id
+    assert decode(tok, f.input_ids[:first]).endswith("Summary:")
+    assert decode(tok, f.labels) == " " + SUMMARY + "</s>"
+    assert f.labels[first:] == f.input_ids[first:]
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_truncation_cuts_the_dialogue_never_the_instruction_or_summary_start(tokenizers, family):
+    recipe, tok = tokenizers[family]
+    recipe = recipe.model_copy(deep=True)
+    recipe.tokenizer.max_source_length = 40
+    recipe.tokenizer.max_target_length = 6
+    featurizer = Featurizer(recipe, tok)
+    long_dialogue = DIALOGUE * 10
+    f = featurizer.training_feature(Example("a", long_dialogue, (SUMMARY,)))
+    prompt = [t for t, label in zip(f.input_ids, f.labels) if label == IGNORE_INDEX] if family == "llama" else f.input_ids
+    text = decode(tok, prompt)
+    assert len(prompt) == 40
+    assert text.removeprefix("<s>").startswith("Summarize the following conversation.")
+    assert "\n\nSummary:" in text[-16:]
+    target = [t for t in f.labels if t != IGNORE_INDEX]
+    assert len(target) == 6 and target[-1] == tok.eos_token_id
+    assert SUMMARY.startswith(decode(tok, target[:-1]).strip())
+    assert featurizer.stats.as_dict() == {"examples": 1, "dialogues_truncated": 1, "summaries_truncated": 1}
+
+
+def test_an_instruction_longer_than_the_budget_is_an_error(tokenizers):
+    from dsum.config import RecipeError
+
+    recipe, tok = tokenizers["t5"]
+    recipe = recipe.model_copy(deep=True)
+    recipe.tokenizer.max_source_length = 5
+    with pytest.raises(RecipeError, match="tokenizer.max_source_length"):
+        Featurizer(recipe, tok).training_feature(Example("a", DIALOGUE, (SUMMARY,)))
+
+
+def test_collator_pads_to_the_longest_row_only(tokenizers):
+    recipe, tok = tokenizers["t5"]
+    featurizer = Featurizer(recipe, tok)
+    features = [featurizer.training_feature(Example(str(i), DIALOGUE[: 30 + 20 * i], (SUMMARY[: 10 + 10 * i],)))
+                for i in range(3)]
+    batch = Collator(tok.pad_token_id, decoder_start_token_id=tok.pad_token_id)(features)
+    assert batch["input_ids"].shape[1] == max(len(f.input_ids) for f in features)
+    assert batch["labels"].shape[1] == max(len(f.labels) for f in features)
+    assert batch["attention_mask"].sum().item() == sum(len(f.input_ids) for f in features)
+    assert (batch["labels"] == IGNORE_INDEX).sum().item() == sum(batch["labels"].shape[1] - len(f.labels) for f in features)
+    assert batch["decoder_input_ids"][0, 0].item() == tok.pad_token_id
+    assert batch["decoder_input_ids"][0, 1].item() == features[0].labels[0]
+    assert num_target_tokens(batch) == sum(len(f.labels) for f in features)

@@ -1,0 +1,119 @@
+"""The training loop in one process: each tiny recipe learns, accumulation and resume are exact,
+adapters reload onto the saved base, and finished runs are not overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny
+from dsum.config import RecipeError
+from dsum.train import train
+
+
+def losses(output_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    final = output_dir / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(final / name)
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", ["t5-full", "t5-lora", "t5-qlora", "llama-full", "llama-lora", "llama-qlora"])
+def test_each_tiny_recipe_learns(tmp_path, name):
+    out = tmp_path / name
+    final = train(tiny(name, out, "train.max_steps=12", "train.logging_steps=3", "train.per_device_batch_size=4",
+                       "eval.after_training=true", "eval.max_new_tokens=8"))
+    history = losses(out)
+    assert len(history) == 4
+    assert history[-1] < history[0] * 0.9, history
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["world_size"] == 1
+    assert run["truncation"]["examples"] == 64
+    assert "trainable parameters" in run["parameters"]
+    assert (final / "tokenizer.json").is_file()
+    assert (out / "eval" / "metrics.json").is_file()
+    assert (final / ("adapter_model.safetensors" if "lora" in name else "model.safetensors")).is_file()
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_accumulation_equals_one_large_batch(tmp_path, family):
+    common = ["train.max_steps=3", "train.lr_scheduler=linear", "train.warmup_steps=1"]
+    train(tiny(f"{family}-full", tmp_path / "big", *common, "train.per_device_batch_size=8",
+               "train.gradient_accumulation_steps=1"))
+    train(tiny(f"{family}-full", tmp_path / "acc", *common, "train.per_device_batch_size=2",
+               "train.gradient_accumulation_steps=4"))
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), abs=1e-5)
+    assert_same_weights(tmp_path / "big", tmp_path / "acc", atol=1e-5)
+
+
+def test_resume_continues_at_the_exact_batch(tmp_path):
+    # LoRA dropout on and a warm-up schedule, so that RNG, scheduler and optimizer state all matter.
+    common = ["train.max_steps=6", "train.lr_scheduler=linear", "train.warmup_steps=2", "adapter.dropout=0.2",
+              "train.per_device_batch_size=4", "train.gradient_accumulation_steps=2"]
+    train(tiny("llama-lora", tmp_path / "straight", *common))
+    train(tiny("llama-lora", tmp_path / "saved", *common, "train.save_steps=3"))
+    # Start again from the step-3 checkpoint alone, as a killed job would.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "saved", resumed)
+    shutil.rmtree(resumed / "final")
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-00000003"]
+    train(tiny("llama-lora", resumed, *common, "train.save_steps=3"), resume="latest")
+    assert losses(resumed) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+    assert_same_weights(tmp_path / "straight", resumed, atol=1e-6)
+
+
+def test_qlora_adapter_reloads_onto_the_saved_base_and_generates_the_same(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from dsum.data import load_split
+    from dsum.generate import generate_predictions
+    from dsum.modeling import load_model
+
+    out = tmp_path / "q"
+    recipe = tiny("t5-qlora", out, "train.max_steps=6", "eval.after_training=true", "eval.max_new_tokens=12")
+    final = train(recipe)
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (out / "base").resolve()
+    base = load_model(recipe, config["base_model_name_or_path"], for_training=False)
+    model = PeftModel.from_pretrained(base, final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    examples = load_split(recipe.data, "test")
+    again = [p.prediction for p in generate_predictions(recipe, model, tokenizer, examples, "cpu")]
+    saved = [json.loads(line)["prediction"] for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert again == saved
+    assert any(saved)
+
+
+def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("t5-lora", out, "train.max_steps=1"))
+    before = (out / "final" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(RecipeError, match="already holds a finished run; pass --overwrite"):
+        train(tiny("t5-lora", out, "train.max_steps=1"))
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == before
+    train(tiny("t5-lora", out, "train.max_steps=2"), overwrite=True)
+    assert losses(out) and len(losses(out)) == 2
+
+
+def test_a_directory_that_is_not_a_run_is_never_touched(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="holds no dsum run"):
+        train(tiny("t5-lora", tmp_path, "train.max_steps=1"), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
