@@ -117,7 +117,7 @@ def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
     if distributed.is_main():
         tmp = final.with_name(FINAL + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)  # safetensors
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -23,7 +23,13 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options too (`--resume latest train.max_steps=8`).
+    unknown = [word for word in extra if word.startswith("-") or "=" not in word or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     try:
@@ -74,7 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from dsum.inspect import describe_recipe
+    from dsum.preview import describe_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     world_size = args.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
@@ -90,7 +96,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     with resources.as_file(resources.files("dsum") / DEMO_RECIPE) as path:
         recipe = load_recipe(path, [f"output_dir={args.output_dir}"])
-    train(recipe, overwrite=is_demo_run(Path(args.output_dir)))
+    train(recipe, overwrite=is_demo_run(Path(args.output_dir)), run_tags={"demo": True})
     print(f"demo finished: {Path(args.output_dir) / 'eval' / 'metrics.json'}")
     return 0
 

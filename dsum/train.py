@@ -11,11 +11,11 @@ accumulation, train exactly as one batch of 8.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,11 @@ from dsum.run_info import RunInfo, MetricsLog, ensure_fresh_output_dir
 log = logging.getLogger(__name__)
 
 
-def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Train one recipe and return the directory of its `final/` export."""
+def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
+          run_tags: dict[str, Any] | None = None) -> Path:
+    """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     output_dir = Path(recipe.output_dir)
     cfg = recipe.train
@@ -46,6 +47,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False)
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         step_scheduler_with_optimizer=False,  # stepped below, once per optimizer step
+        # On a CPU Accelerate picks no backend for DeepSpeed and believes it runs alone; gloo is the one there is.
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu() else [],
     )
     check_launch(accelerator, cfg)
     rank, world_size = distributed.rank(), distributed.world_size()
@@ -93,7 +96,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False)
 
     run = RunInfo(output_dir, recipe, accelerator, world_size)
     metrics = MetricsLog(output_dir, keep_through_step=step)
-    run.start(total_steps=total_steps, plan=plan, truncation=truncation, parameters=describe_parameters(model))
+    run.start(total_steps=total_steps, plan=plan, truncation=truncation, parameters=describe_parameters(model),
+              **(run_tags or {}))
     trackers = run.start_trackers(recipe)
 
     # ---- loop ------------------------------------------------------------------------------
@@ -219,9 +223,11 @@ def clip_gradients(accelerator, model, max_norm: float | None) -> float | None:
 
 def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases and norms
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Biases and norms take no weight decay. ZeRO-3 flattens parameters; ds_shape keeps the real shape.
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+    groups = [{"params": group, "weight_decay": wd}
+              for group, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if group]
     adam = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **adam)
@@ -247,8 +253,18 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def deepspeed_on_cpu() -> bool:
+    return (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
 def check_launch(accelerator, cfg: TrainConfig) -> None:
-    """Gradient accumulation comes from the recipe alone; refuse a launch config that says otherwise."""
+    """Accelerate must see every launched process, and gradient accumulation comes from the recipe alone."""
+    if accelerator.num_processes != distributed.world_size():
+        raise RecipeError(
+            f"the launcher started {distributed.world_size()} processes but Accelerate sees {accelerator.num_processes}; "
+            "the ranks would train apart (on a CPU, set ACCELERATE_USE_CPU=true for DDP)"
+        )
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise RecipeError(
             f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps} but the Accelerate launch sets "
@@ -276,12 +292,20 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
     ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
 
 
+@contextmanager
 def zero3_init_disabled(accelerator):
-    """Build a random base whole, not partitioned, so that it can be saved once and reloaded by all."""
-    from contextlib import nullcontext
-
+    """Build a random base whole, not partitioned, so that rank 0 alone can save it for all to load."""
     plugin = accelerator.state.deepspeed_plugin
-    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else nullcontext()
+    if plugin is None or getattr(plugin, "dschf", None) is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # transformers partitions every model built while a ZeRO-3 config is registered
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
 
 
 def trainer_state(step: int, plan: BatchPlan) -> dict[str, Any]:
