@@ -8,7 +8,6 @@ here asks torch.distributed (or the launcher's environment before it is initiali
 from __future__ import annotations
 
 import os
-import pickle
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -68,16 +67,3 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's object on every process."""
-    if not initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def same_everywhere(obj: Any) -> bool:
-    return all(pickle.dumps(o) == pickle.dumps(obj) for o in gather_objects(obj))

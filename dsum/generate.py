@@ -9,6 +9,7 @@ batch and drops the result. Causal prompts are left-padded and the prompt is cut
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -34,7 +35,7 @@ class Prediction:
 
 @torch.no_grad()
 def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Example], device,
-                         *, synced_gpus: bool = False, autocast=None) -> list[Prediction]:
+                         *, synced_gpus: bool = False, autocast=nullcontext) -> list[Prediction]:
     """Predictions for every example, in dataset order, on every rank."""
     featurizer = Featurizer(recipe, tokenizer)
     prompt_ids = [featurizer.prompt_ids(e.dialogue) for e in examples]
@@ -53,7 +54,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
         rows = [prompt_ids[i] for i in ids]
         input_ids = pad(rows, tokenizer.pad_token_id, left=left).to(device)
         attention_mask = pad([[1] * len(r) for r in rows], 0, left=left).to(device)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+        with autocast():
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -31,20 +31,31 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 
 
 def ensure_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to start over a run unless asked; never delete a directory that is not a dsum run."""
+    """Refuse to start over a run unless asked; never delete a directory that is not a dsum run.
+
+    Every rank looks before any rank writes, so all of them reach the same verdict.
+    """
+    problem = output_dir_problem(output_dir, overwrite)
+    distributed.barrier()
+    if problem:
+        raise RecipeError(problem)
+    if overwrite and (output_dir / RUN_FILE).is_file():
+        if distributed.is_main():
+            shutil.rmtree(output_dir)
+        distributed.barrier()
+
+
+def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     if not output_dir.exists() or not any(output_dir.iterdir()):
-        return
+        return None
     run_file = output_dir / RUN_FILE
     if not run_file.is_file():
-        raise RecipeError(f"output_dir {output_dir} is not empty and holds no dsum run; choose another output_dir")
-    if not overwrite:
-        status = read_status(run_file)
-        hint = "pass --resume latest to continue it, or " if status != "finished" else ""
-        raise RecipeError(f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it")
-    distributed.barrier()
-    if distributed.is_main():
-        shutil.rmtree(output_dir)
-    distributed.barrier()
+        return f"output_dir {output_dir} is not empty and holds no dsum run; choose another output_dir"
+    if overwrite:
+        return None
+    status = read_status(run_file)
+    hint = "pass --resume latest to continue it, or " if status != "finished" else ""
+    return f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it"
 
 
 def read_status(run_file: Path) -> str:
@@ -65,21 +76,22 @@ class RunInfo:
         self.world_size = world_size
 
     def start(self, **details: Any) -> None:
-        plan = details.pop("plan")
+        """Written before anything else, so that a directory with dsum's files always says whose they are."""
         self.info = {
             "status": "running",
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "recipe": recipe_to_dict(self.recipe),
             "world_size": self.world_size,
-            "global_batch_size": plan.global_batch_size,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "num_train_examples": plan.num_examples,
             **details,
             "launch": launch_info(self.accelerator),
             "versions": versions(),
             "git_commit": git_commit(),
             "python": platform.python_version(),
         }
+        self._write()
+
+    def update(self, **details: Any) -> None:
+        self.info.update(details)
         self._write()
 
     def finish(self, **details: Any) -> None:
@@ -92,9 +104,6 @@ class RunInfo:
             tmp = self.path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.info, indent=2, default=str) + "\n")
             tmp.replace(self.path)
-
-    def start_trackers(self, recipe: Recipe) -> "Trackers":
-        return Trackers(self.path.parent, recipe)
 
 
 class MetricsLog:

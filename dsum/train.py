@@ -28,7 +28,7 @@ from dsum.config import Recipe, RecipeError, TrainConfig
 from dsum.data import Example, load_split
 from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_real_tokens, num_target_tokens
 from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
-from dsum.run_info import RunInfo, MetricsLog, ensure_fresh_output_dir
+from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,12 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         # On a CPU Accelerate picks no backend for DeepSpeed and believes it runs alone; gloo is the one there is.
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu() else [],
     )
-    check_launch(accelerator, cfg)
+    check_launch(accelerator, recipe)
     rank, world_size = distributed.rank(), distributed.world_size()
     if resume is None:
         ensure_fresh_output_dir(output_dir, overwrite)
+    run = RunInfo(output_dir, recipe, accelerator, world_size)
+    run.start(resumed_from=resume, **(run_tags or {}))
     set_seed(cfg.seed)
 
     # ---- data, tokenizer, features ---------------------------------------------------------
@@ -64,6 +66,9 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     featurizer = Featurizer(recipe, tokenizer)
     train_features = featurizer.training_features(train_examples)
     truncation = featurizer.stats.as_dict()
+    if distributed.is_main() and (truncation["dialogues_truncated"] or truncation["summaries_truncated"]):
+        print(f"truncated to fit tokenizer.max_source_length / max_target_length: {truncation['dialogues_truncated']} "
+              f"dialogues and {truncation['summaries_truncated']} summaries of {truncation['examples']}", flush=True)
     val_features = Featurizer(recipe, tokenizer).training_features(val_examples)
     config = model_config(recipe, tokenizer)
     collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None)
@@ -94,11 +99,10 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         if distributed.is_main():
             print(f"resumed from {path} at step {step}", flush=True)
 
-    run = RunInfo(output_dir, recipe, accelerator, world_size)
     metrics = MetricsLog(output_dir, keep_through_step=step)
-    run.start(total_steps=total_steps, plan=plan, truncation=truncation, parameters=describe_parameters(model),
-              **(run_tags or {}))
-    trackers = run.start_trackers(recipe)
+    run.update(total_steps=total_steps, global_batch_size=plan.global_batch_size, steps_per_epoch=plan.steps_per_epoch,
+               num_train_examples=plan.num_examples, truncation=truncation, parameters=describe_parameters(model))
+    trackers = Trackers(output_dir, recipe)
 
     # ---- loop ------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -258,8 +262,10 @@ def deepspeed_on_cpu() -> bool:
             and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
-def check_launch(accelerator, cfg: TrainConfig) -> None:
-    """Accelerate must see every launched process, and gradient accumulation comes from the recipe alone."""
+def check_launch(accelerator, recipe: Recipe) -> None:
+    """Accelerate must see every launched process, gradient accumulation comes from the recipe alone,
+    and ZeRO-3 can only shard 4-bit weights stored in the dtype of the rest of the model."""
+    cfg = recipe.train
     if accelerator.num_processes != distributed.world_size():
         raise RecipeError(
             f"the launcher started {distributed.world_size()} processes but Accelerate sees {accelerator.num_processes}; "
@@ -277,6 +283,12 @@ def check_launch(accelerator, cfg: TrainConfig) -> None:
             raise RecipeError(
                 f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps} but the DeepSpeed config sets "
                 f"{configured}; set it to auto there"
+            )
+        storage = recipe.quantization.storage_dtype
+        if plugin.zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
+            raise RecipeError(
+                f"quantization.storage_dtype is {storage} but ZeRO-3 needs it to equal model.dtype ({recipe.model.dtype}) "
+                "to shard the 4-bit weights; set quantization.storage_dtype to the model dtype"
             )
 
 

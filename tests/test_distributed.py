@@ -91,3 +91,15 @@ def test_deepspeed_zero_with_the_shipped_configs(tmp_path, single_rank, config):
             a = model(input_ids=ids, decoder_input_ids=ids).logits
             b = reference(input_ids=ids, decoder_input_ids=ids).logits
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_qlora_under_zero3_needs_a_matching_storage_dtype(tmp_path):
+    out = tmp_path / "q"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "zero3.yaml"), "--num_processes", "2", "--main_process_port",
+               str(free_port()), "-m", "dsum", "train", str(ROOT / "recipes" / "tiny" / "t5-qlora.yaml"),
+               f"output_dir={out}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "dsum: error: quantization.storage_dtype is uint8 but ZeRO-3 needs it to equal model.dtype (float32)" in result.stderr
+    assert not (out / "final").exists()

@@ -117,3 +117,47 @@ def test_a_directory_that_is_not_a_run_is_never_touched(tmp_path):
     with pytest.raises(RecipeError, match="holds no dsum run"):
         train(tiny("t5-lora", tmp_path, "train.max_steps=1"), overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"])
+def test_every_optimizer_trains(tmp_path, optimizer):
+    out = tmp_path / optimizer
+    train(tiny("t5-full", out, f"train.optimizer={optimizer}", "train.max_steps=6", "train.per_device_batch_size=4",
+               "train.logging_steps=3"))
+    history = losses(out)
+    assert history[-1] < history[0], history
+
+
+def test_bf16_checkpointing_validation_cadence_and_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("llama-lora", out, "train.max_steps=6", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+               "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=1", "train.trackers=[tensorboard]",
+               "train.per_device_batch_size=4"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "validation_loss" in r] == [2, 4, 6]
+    assert all(set(r) >= {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds"}
+               for r in rows if "loss" in r)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # older ones pruned, none at the end
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["launch"]["mixed_precision"] == "bf16"
+
+
+def test_trains_on_the_dialogsum_files(tmp_path):
+    from conftest import ROOT
+
+    data = ROOT.parent / "shared" / "data" / "dialogsum"
+    out = tmp_path / "real"
+    train(tiny("t5-full", out, f"data.source={data}", "data.max_train_samples=64", "train.max_steps=2",
+               "tokenizer.max_source_length=128", "train.eval_max_batches=2"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_train_examples"] == 64
+    assert run["truncation"]["dialogues_truncated"] > 0  # real dialogues run past 128 tokens
+    assert len(losses(out)) == 2
+
+
+def test_accumulation_set_by_the_launcher_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with pytest.raises(RecipeError, match="train.gradient_accumulation_steps is 1 but the Accelerate launch sets 2"):
+        train(tiny("t5-full", tmp_path / "run", "train.max_steps=1"))
+    assert not (tmp_path / "run").exists()
