@@ -28,7 +28,7 @@ from dsum.config import Recipe, RecipeError, TrainConfig
 from dsum.data import Example, load_split
 from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_real_tokens, num_target_tokens
 from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
-from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir
+from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
     metrics = MetricsLog(output_dir, keep_through_step=step)
     run.update(total_steps=total_steps, global_batch_size=plan.global_batch_size, steps_per_epoch=plan.steps_per_epoch,
-               num_train_examples=plan.num_examples, truncation=truncation, parameters=describe_parameters(model))
+               num_train_examples=plan.num_examples, truncation=truncation, parameters=describe_parameters(model),
+               launch=launch_info(accelerator))  # now with DeepSpeed's filled-in config
     trackers = Trackers(output_dir, recipe)
 
     # ---- loop ------------------------------------------------------------------------------
