@@ -10,6 +10,7 @@ examples that two ranks with B each see together. An optimizer step is a window 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class BatchPlan:
         span = self.per_device_batch_size * self.world_size
         return [order[start : start + span][self.rank :: self.world_size] for start in range(0, len(order), span)]
 
+    @functools.lru_cache(maxsize=2)  # the loop asks once per step; the order changes once per epoch
     def windows(self, epoch: int) -> list[list[list[int]]]:
         """This rank's accumulation windows for one epoch: one list of micro-batches per optimizer step."""
         micro = self.micro_batches(epoch)

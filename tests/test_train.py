@@ -53,7 +53,9 @@ def test_each_tiny_recipe_learns(tmp_path, name):
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_accumulation_equals_one_large_batch(tmp_path, family):
-    common = ["train.max_steps=3", "train.lr_scheduler=linear", "train.warmup_steps=1"]
+    # One epoch of 60 examples: 7 windows of 4 x 2 and a short last one of 2 x 2 (a last batch of 4 for bs 8).
+    common = ["data.synthetic.train_size=60", "train.num_epochs=1", "train.lr_scheduler=linear", "train.warmup_steps=1",
+              "train.logging_steps=2"]
     train(tiny(f"{family}-full", tmp_path / "big", *common, "train.per_device_batch_size=8",
                "train.gradient_accumulation_steps=1"))
     train(tiny(f"{family}-full", tmp_path / "acc", *common, "train.per_device_batch_size=2",
