@@ -2,6 +2,8 @@
 
     dsum train RECIPE [key.sub=value ...] [--resume [PATH|latest]] [--overwrite]
     dsum validate RECIPE [key.sub=value ...] [--num-processes N]
+    dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite]
+    dsum score --predictions FILE [--references FILE] [--prediction-field F] [--reference-field F ...] [--json]
     dsum demo [--output-dir DIR]
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2.
@@ -13,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -56,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
                           help="processes the run will launch with (default: this launch's, or 1)")
     validate.set_defaults(run=run_validate)
 
+    evaluate = sub.add_parser("eval", help="generate and score a model on eval.split")
+    add_recipe_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", type=Path, metavar="DIR",
+                          help="a run's final/ (full model or adapter); default: the recipe's base model, zero-shot")
+    evaluate.add_argument("--output-dir", type=Path, metavar="DIR", help="default: <output_dir>/eval")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in the output directory")
+    evaluate.set_defaults(run=run_evaluate)
+
+    score = sub.add_parser("score", help="score existing predictions against references with dsum's ROUGE")
+    score.add_argument("--predictions", required=True, type=Path, metavar="FILE", help=".jsonl, .csv or .txt")
+    score.add_argument("--references", type=Path, metavar="FILE",
+                       help=".jsonl, .csv or .txt; leave out when the references are columns of the predictions file")
+    score.add_argument("--prediction-field", default="prediction", metavar="F", help="default: prediction")
+    score.add_argument("--reference-field", action="append", metavar="F",
+                       help="repeat for several references per row (default: references, summary, or summary1..N)")
+    score.add_argument("--id-field", metavar="F", help="match the two files by this column (default: id, if both have it)")
+    score.add_argument("--json", action="store_true", help="print the metrics object, and nothing else, as JSON")
+    score.set_defaults(run=run_score)
+
     demo = sub.add_parser("demo", help="train and evaluate a tiny model on the synthetic corpus, offline, on a CPU")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo run goes (default: runs/demo)")
     demo.set_defaults(run=run_demo)
@@ -88,6 +110,30 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    from dsum.evaluate import run_eval
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_eval(recipe, checkpoint=args.checkpoint, output_dir=args.output_dir, overwrite=args.overwrite)
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    import json
+
+    from dsum.score_files import load_pairs
+    from dsum.scoring import rouge, rouge_table
+
+    predictions, references = load_pairs(args.predictions, args.references, args.prediction_field,
+                                         args.reference_field, args.id_field)
+    metrics = rouge(predictions, references)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(rouge_table(metrics, f"ROUGE F1 of {args.predictions} (n={metrics['n']}; mean over references, then dialogues)"))
+    return 0
+
+
 DEMO_RECIPE = "demo.yaml"
 
 
@@ -115,7 +161,12 @@ def is_demo_run(output_dir: Path) -> bool:
 def quiet_libraries() -> None:
     """Library chatter that says nothing to a dsum user stays out of the terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    import torch
     import transformers
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to the CPU
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -1,46 +1,123 @@
-"""Evaluation of a model on a recipe's `eval.split`: generate, score, write `predictions.jsonl` and `metrics.json`."""
+"""Evaluation of a model on a recipe's `eval.split`: generate, score, write `predictions.jsonl` and `metrics.json`.
+
+    dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite]
+    accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 -m dsum eval RECIPE --checkpoint DIR
+
+The model is a trained run's `final/` (full weights, or a LoRA adapter loaded onto its base), any
+such directory given with `--checkpoint`, or the recipe's base model alone (zero-shot).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from dsum import distributed
-from dsum.config import Recipe
+from dsum.config import Recipe, RecipeError
 from dsum.data import load_split
-from dsum.generate import generate_predictions
-from dsum.scoring import ROUGE_KEYS, rouge
+from dsum.generate import PARTIAL_DIR, generate_predictions
+from dsum.scoring import rouge, rouge_table
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
 
 
-def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator) -> dict:
+def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator) -> dict | None:
+    """Every rank generates its batches; rank 0 scores, writes the files and returns the metrics."""
     examples = load_split(recipe.data, recipe.eval.split)[: recipe.eval.max_samples]
     zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    partial = output_dir / PARTIAL_DIR
     started = time.perf_counter()
-    predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device,
-                                       synced_gpus=zero3, autocast=accelerator.autocast)
+    predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device, synced_gpus=zero3,
+                                       autocast=accelerator.autocast, partial_dir=partial, progress=True)
     seconds = time.perf_counter() - started
+    if not distributed.is_main():
+        distributed.barrier()
+        return None
+    generated = sum(p.generated_tokens for p in predictions)
     metrics = {
         **rouge([p.prediction for p in predictions], [p.references for p in predictions]),
-        "n": len(predictions),
         "split": recipe.eval.split,
-        "mean_generated_tokens": sum(p.generated_tokens for p in predictions) / max(len(predictions), 1),
+        "mean_generated_tokens": generated / max(len(predictions), 1),
         "generation_seconds": seconds,
-        "dialogues_per_second": len(predictions) / seconds if seconds else None,
+        "dialogues_per_second": len(predictions) / seconds,
+        "generated_tokens_per_second": generated / seconds,
+        "world_size": distributed.world_size(),
     }
-    if distributed.is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with (output_dir / "predictions.jsonl").open("w") as f:
-            for p in predictions:
-                f.write(json.dumps(p.as_dict(), ensure_ascii=False) + "\n")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(rouge_table(metrics), flush=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p.as_dict(), ensure_ascii=False) + "\n")
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)
+    title = f"ROUGE F1 on {metrics['split']} (n={metrics['n']}; mean over references, then dialogues)"
+    print(rouge_table(metrics, title), flush=True)
     distributed.barrier()
     return metrics
 
 
-def rouge_table(metrics: dict) -> str:
-    lines = [f"ROUGE on {metrics['split']} (n={metrics['n']}, mean over references, then dialogues)",
-             "| metric    | F1     |", "| --------- | ------ |"]
-    lines += [f"| {key:<9} | {metrics[key]:.4f} |" for key in ROUGE_KEYS]
-    return "\n".join(lines)
+def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None, overwrite: bool) -> dict | None:
+    """`dsum eval`: load the model the arguments name, then evaluate it."""
+    from accelerate import Accelerator
+
+    from dsum.train import deepspeed_on_cpu
+
+    output_dir = output_dir or Path(recipe.output_dir) / "eval"
+    if (output_dir / METRICS_FILE).is_file() and not overwrite:
+        raise RecipeError(f"{output_dir} already holds a finished evaluation; pass --overwrite to replace it, "
+                          "or --output-dir to write elsewhere")
+    from accelerate.utils import InitProcessGroupKwargs
+
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu() else [])
+    if overwrite and distributed.is_main():
+        (output_dir / METRICS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
+    distributed.barrier()
+    model, tokenizer = load_for_eval(recipe, checkpoint)
+    model = prepare_for_inference(accelerator, model, recipe)
+    return evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir,
+                    accelerator=accelerator)
+
+
+def prepare_for_inference(accelerator, model, recipe: Recipe):
+    """On the device; under DeepSpeed, in an engine (ZeRO-3 shards the weights across ranks)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return model.to(accelerator.device)
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = recipe.eval.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = recipe.eval.batch_size * distributed.world_size()
+    return accelerator.prepare(model)
+
+
+def load_for_eval(recipe: Recipe, checkpoint: Path | None):
+    """(model, tokenizer): a full checkpoint, an adapter on its base, or the recipe's base alone."""
+    from transformers import AutoTokenizer
+
+    from dsum.modeling import BASE_DIR, load_model, load_tokenizer
+
+    run_dir = Path(recipe.output_dir)
+    base = recipe.model.name_or_path or run_dir / BASE_DIR
+    if recipe.model.name_or_path is None and not (run_dir / BASE_DIR / "config.json").is_file():
+        raise RecipeError(f"model.architecture: no random-init base in {run_dir / BASE_DIR}; train the recipe first")
+    if checkpoint is None:
+        tokenizer = load_tokenizer(recipe, run_dir)
+        return load_model(recipe, base, for_training=False), tokenizer
+    if not checkpoint.is_dir():
+        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
+    tokenizer = (AutoTokenizer.from_pretrained(checkpoint) if (checkpoint / "tokenizer_config.json").is_file()
+                 else load_tokenizer(recipe, run_dir))
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        config = json.loads((checkpoint / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path") or base
+        return PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint), tokenizer
+    if (checkpoint / "config.json").is_file():
+        recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "none"})})
+        return load_model(recipe, checkpoint, for_training=False), tokenizer
+    raise RecipeError(f"--checkpoint {checkpoint}: neither a model (config.json) nor an adapter (adapter_config.json)")

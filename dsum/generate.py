@@ -1,16 +1,23 @@
 """Batched generation sharded over every process, gathered back into dataset order.
 
-Prompts are sorted longest first so that batches hold similar lengths (and memory runs out early if
-it will); rank r takes every world_size-th prompt of that order. Every rank makes the same number
-of `generate` calls, which ZeRO-3 (`synced_gpus`) needs: a rank that runs out repeats its last
-batch and drops the result. Causal prompts are left-padded and the prompt is cut from the output.
+Prompts are sorted longest first and cut into batches of `eval.batch_size` (similar lengths, little
+padding, and memory runs out on the first batch if it will). The batches are the same whatever the
+number of processes; rank r generates batches r, r + world_size, ... So the predictions are the same
+with 1, 2 or 3 processes. Every rank makes the same number of `generate` calls, which ZeRO-3
+(`synced_gpus`) needs: a rank that runs out repeats a batch and drops the result. Causal prompts
+are left-padded and the prompt is cut from the output.
+
+Each rank appends finished predictions to `partial/rank-R.jsonl` as it goes; a restarted evaluation
+reads them back and generates only what is missing.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -19,6 +26,8 @@ from dsum import distributed
 from dsum.config import Recipe
 from dsum.data import Example
 from dsum.features import Featurizer, pad
+
+PARTIAL_DIR = "partial"
 
 
 @dataclass
@@ -33,48 +42,80 @@ class Prediction:
         return asdict(self)
 
 
+def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Example indices per batch, longest prompts first; independent of the number of processes."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def read_partial(partial_dir: Path) -> dict[str, Prediction]:
+    """Predictions already written by an earlier, interrupted evaluation (any number of ranks)."""
+    done: dict[str, Prediction] = {}
+    for path in sorted(partial_dir.glob("rank-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption; that dialogue is generated again
+            done[row["id"]] = Prediction(**row)
+    return done
+
+
 @torch.no_grad()
-def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Example], device,
-                         *, synced_gpus: bool = False, autocast=nullcontext) -> list[Prediction]:
+def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Example], device, *,
+                         synced_gpus: bool = False, autocast=nullcontext, partial_dir: Path | None = None,
+                         progress: bool = False) -> list[Prediction]:
     """Predictions for every example, in dataset order, on every rank."""
+    done = read_partial(partial_dir) if partial_dir is not None else {}
+    distributed.barrier()  # every rank has read what is done before any rank appends to it
+    todo = [e for e in examples if e.id not in done]
     featurizer = Featurizer(recipe, tokenizer)
-    prompt_ids = [featurizer.prompt_ids(e.dialogue) for e in examples]
-    order = sorted(range(len(examples)), key=lambda i: (-len(prompt_ids[i]), i))
+    prompt_ids = [featurizer.prompt_ids(e.dialogue) for e in todo]
+    batches = plan_batches([len(p) for p in prompt_ids], recipe.eval.batch_size)
     world, rank = distributed.world_size(), distributed.rank()
-    mine = order[rank::world]
-    batch_size = recipe.eval.batch_size
-    calls = math.ceil(math.ceil(len(examples) / world) / batch_size)
+    mine = batches[rank::world]
+    calls = math.ceil(len(batches) / world)
     left = recipe.model.family == "causal"
+    sink = None
+    if partial_dir is not None:
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        sink = (partial_dir / f"rank-{rank}.jsonl").open("a", encoding="utf-8")
+    from tqdm.auto import tqdm
+
     model.eval()
     results: list[Prediction] = []
-    for call in range(calls):
-        ids = mine[call * batch_size : (call + 1) * batch_size]
-        repeat = not ids  # this rank is out of work but must still join the collective calls
-        ids = ids or mine[-batch_size:] or order[:1]
+    for call in tqdm(range(calls), desc="generate", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
+        repeat = call >= len(mine)  # out of work, but ZeRO-3 needs every rank in every forward pass
+        ids = mine[call] if not repeat else batches[0]
         rows = [prompt_ids[i] for i in ids]
         input_ids = pad(rows, tokenizer.pad_token_id, left=left).to(device)
         attention_mask = pad([[1] * len(r) for r in rows], 0, left=left).to(device)
         with autocast():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                **generation_kwargs(recipe, tokenizer),
-                synced_gpus=synced_gpus,
-            )
-        if left:
-            output = output[:, input_ids.shape[1] :]
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    **generation_kwargs(recipe, tokenizer), synced_gpus=synced_gpus)
         if repeat:
             continue
+        if left:
+            output = output[:, input_ids.shape[1] :]
         for i, row, tokens in zip(ids, rows, output.tolist()):
             tokens = strip_padding(tokens, tokenizer)
-            results.append(Prediction(
-                id=examples[i].id,
+            prediction = Prediction(
+                id=todo[i].id,
                 prediction=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                references=list(examples[i].references),
+                references=list(todo[i].references),
                 prompt_tokens=len(row),
                 generated_tokens=len(tokens),
-            ))
-    gathered = {p.id: p for shard in distributed.gather_objects(results) for p in shard}
+            )
+            results.append(prediction)
+            if sink is not None:
+                sink.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
+        if sink is not None:
+            sink.flush()
+    if sink is not None:
+        sink.close()
+    gathered = dict(done)
+    for shard in distributed.gather_objects(results):
+        gathered.update((p.id, p) for p in shard)
     return [gathered[e.id] for e in examples]
 
 

@@ -1,16 +1,23 @@
 """ROUGE as dsum reports it: rouge_score F1 with the Porter stemmer, as fractions in [0, 1].
 
 The primary figure averages each dialogue's scores over its references, then averages over
-dialogues. `rougeLsum` needs one sentence per line; sentences are split here with a rule, so
-nothing is downloaded at run time.
+dialogues. Two variants are reported beside it: `best_reference` (the best-scoring reference of each
+dialogue) and `first_reference` (the first reference only, as single-reference scripts do). A 95%
+confidence interval for each primary figure comes from a seeded bootstrap over dialogues.
+`rougeLsum` needs one sentence per line; sentences are split here with a rule, so nothing is
+downloaded at run time.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Sequence
 
+import numpy as np
+
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+BOOTSTRAP_SAMPLES = 1000
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 
@@ -19,17 +26,56 @@ def split_sentences(text: str) -> str:
     return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
 
 
-def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean over dialogues of the mean over each dialogue's references, per ROUGE variant."""
+def score_matrix(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """For each dialogue, an array (references x ROUGE_KEYS) of F1 scores."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    out = []
     for prediction, refs in zip(predictions, references):
+        if not refs:
+            raise ValueError("every prediction needs at least one reference")
         per_ref = [scorer.score(split_sentences(ref), split_sentences(prediction)) for ref in refs]
-        for key in ROUGE_KEYS:
-            totals[key] += sum(s[key].fmeasure for s in per_ref) / len(per_ref)
-    n = max(len(predictions), 1)
-    return {key: totals[key] / n for key in ROUGE_KEYS}
+        out.append(np.array([[s[key].fmeasure for key in ROUGE_KEYS] for s in per_ref]))
+    return out
+
+
+def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]], *, seed: int = 0) -> dict:
+    """The metrics object of `metrics.json` and `dsum score`: primary ROUGE, variants, intervals, n."""
+    started = time.perf_counter()
+    matrix = score_matrix(predictions, references)
+    mean_over_refs = np.array([m.mean(axis=0) for m in matrix])  # dialogues x keys
+    best = np.array([m.max(axis=0) for m in matrix])
+    first = np.array([m[0] for m in matrix])
+    low, high = bootstrap_interval(mean_over_refs, seed)
+    metrics: dict = {key: float(mean_over_refs[:, i].mean()) for i, key in enumerate(ROUGE_KEYS)}
+    metrics.update(
+        confidence_interval_95={key: [float(low[i]), float(high[i])] for i, key in enumerate(ROUGE_KEYS)},
+        best_reference={key: float(best[:, i].mean()) for i, key in enumerate(ROUGE_KEYS)},
+        first_reference={key: float(first[:, i].mean()) for i, key in enumerate(ROUGE_KEYS)},
+        n=len(matrix),
+        references_per_dialogue=float(np.mean([len(m) for m in matrix])),
+        scoring_seconds=time.perf_counter() - started,
+    )
+    return metrics
+
+
+def bootstrap_interval(per_dialogue: np.ndarray, seed: int, samples: int = BOOTSTRAP_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """2.5th and 97.5th percentiles of the mean over dialogues resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(per_dialogue)
+    means = np.stack([per_dialogue[rng.integers(0, n, n)].mean(axis=0) for _ in range(samples)])
+    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+
+
+def rouge_table(metrics: dict, title: str) -> str:
+    """A Markdown table of the primary figures with their intervals and the two variants."""
+    lines = [title, "| metric    | F1     | 95% CI          | best ref | first ref |",
+             "| --------- | ------ | --------------- | -------- | --------- |"]
+    for key in ROUGE_KEYS:
+        low, high = metrics["confidence_interval_95"][key]
+        lines.append(f"| {key:<9} | {metrics[key]:.4f} | {low:.4f} - {high:.4f} | "
+                     f"{metrics['best_reference'][key]:.4f}   | {metrics['first_reference'][key]:.4f}    |")
+    return "\n".join(lines)

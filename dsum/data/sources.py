@@ -40,9 +40,17 @@ def split_file(directory: Path, split: str) -> Path:
 
 
 def read_local_split(directory: Path, split: str) -> RawSplit:
-    path = split_file(directory, split)
-    reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}[path.suffix]
-    rows, columns = reader(path)
+    return read_table(split_file(directory, split))
+
+
+def read_table(path: Path) -> RawSplit:
+    """Rows of one .jsonl, .csv or .parquet file."""
+    readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}
+    if path.suffix not in readers:
+        raise RecipeError(f"{path}: expected a .jsonl, .csv or .parquet file")
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such file")
+    rows, columns = readers[path.suffix](path)
     return RawSplit(rows, columns, where=str(path))
 
 
@@ -61,7 +69,7 @@ def read_hub_split(source: str, split: str) -> RawSplit:
     return RawSplit(dataset.to_list(), list(dataset.column_names), where=f"Hub dataset {source!r} split {split!r}")
 
 
-def _decode(path: Path) -> str:
+def decode(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -75,7 +83,7 @@ def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    for number, line in enumerate(decode(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -89,7 +97,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+    reader = csv.reader(io.StringIO(decode(path), newline=""))
     header: list[str] | None = None
     rows = []
     try:

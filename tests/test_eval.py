@@ -1,0 +1,111 @@
+"""`dsum eval`: the same predictions with 1, 2 or 3 processes and under ZeRO-3, deduplicated
+references, and an interrupted evaluation that resumes without regenerating."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny
+from dsum.train import train
+
+RECIPE = ROOT / "recipes" / "tiny" / "t5-full.yaml"
+# 7 test dialogues in batches of 2: 4 batches, which 2 or 3 processes cannot share evenly.
+SETTINGS = ["data.synthetic.train_size=64", "data.synthetic.validation_size=8", "data.synthetic.test_size=7",
+            "tokenizer.vocab_size=400", "eval.batch_size=2", "eval.max_new_tokens=12"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny("t5-full", out, *SETTINGS, "train.max_steps=30", "train.per_device_batch_size=8"))
+    return out
+
+
+def dsum_eval(launcher: list[str], run_dir: Path, eval_dir: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
+    command = [sys.executable, *(["-m", *launcher] if launcher else []), "-m", "dsum", "eval", str(RECIPE), *SETTINGS, *overrides,
+               f"output_dir={run_dir}", "--checkpoint", str(run_dir / "final"), "--output-dir", str(eval_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_same_predictions_with_1_2_and_3_processes(run_dir, tmp_path):
+    from test_distributed import free_port
+
+    outputs = {}
+    for n in (1, 2, 3):
+        launcher = ["torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port())]
+        dsum_eval(launcher, run_dir, tmp_path / f"p{n}", env={"ACCELERATE_USE_CPU": "true"})
+        outputs[n] = (tmp_path / f"p{n}" / "predictions.jsonl").read_bytes()
+    rows = [json.loads(line) for line in outputs[1].decode().splitlines()]
+    assert [r["id"] for r in rows] == [f"synthetic-test-{i:06d}" for i in range(7)]  # dataset order, none lost
+    assert outputs[1] == outputs[2] == outputs[3]
+    metrics = json.loads((tmp_path / "p3" / "metrics.json").read_text())
+    assert metrics["n"] == 7 and metrics["world_size"] == 3
+    assert not (tmp_path / "p3" / "partial").exists()
+
+
+def test_zero3_predictions_match_ddp(run_dir, tmp_path):
+    from test_distributed import free_port
+
+    dsum_eval(["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())], run_dir,
+              tmp_path / "ddp", env={"ACCELERATE_USE_CPU": "true"})
+    dsum_eval(["accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "zero3.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port())], run_dir, tmp_path / "z3")
+    assert (tmp_path / "z3" / "predictions.jsonl").read_bytes() == (tmp_path / "ddp" / "predictions.jsonl").read_bytes()
+
+
+def test_flattened_references_are_merged_and_all_scored(run_dir, tmp_path):
+    from dsum.config import DataConfig
+    from dsum.data import load_split
+
+    data = tmp_path / "data"
+    data.mkdir()
+    synthetic = DataConfig(source="synthetic", synthetic={"test_size": 7, "validation_size": 8, "train_size": 64})
+    for split in ("train", "validation"):
+        rows = [{"id": e.id, "dialogue": e.dialogue, "summary": e.references[0]} for e in load_split(synthetic, split)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test = load_split(synthetic, "test")
+    flat = [{"id": f"{e.id}_{k}", "dialogue": e.dialogue, "summary": f"{e.references[0]} ({k})"}
+            for k in (1, 2, 3) for e in test]  # the Hub's layout: each dialogue once per reference, not adjacent
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+    dsum_eval([], run_dir, tmp_path / "flat", f"data.source={data}")
+    rows = [json.loads(line) for line in (tmp_path / "flat" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 7
+    assert all(len(r["references"]) == 3 for r in rows)
+    assert rows[0]["id"] == test[0].id
+    assert json.loads((tmp_path / "flat" / "metrics.json").read_text())["references_per_dialogue"] == 3
+
+
+def test_an_interrupted_evaluation_resumes_without_regenerating(run_dir, tmp_path):
+    out = tmp_path / "resumed"
+    (out / "partial").mkdir(parents=True)
+    # What a killed evaluation leaves: two finished predictions and a line cut short.
+    done = [{"id": f"synthetic-test-00000{i}", "prediction": f"kept {i}", "references": ["x"], "prompt_tokens": 1,
+             "generated_tokens": 1} for i in (2, 5)]
+    (out / "partial" / "rank-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done) + '{"id": "synth')
+    result = dsum_eval([], run_dir, out)
+    rows = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert len(rows) == 7
+    assert rows["synthetic-test-000002"]["prediction"] == "kept 2"  # taken as written, not generated again
+    assert rows["synthetic-test-000005"]["prediction"] == "kept 5"
+    assert all(not r["prediction"].startswith("kept") for k, r in rows.items() if k[-1] not in "25")
+    assert "| rouge1    |" in result.stdout
+
+
+def test_a_finished_evaluation_is_not_overwritten_unless_asked(run_dir, tmp_path):
+    out = tmp_path / "twice"
+    dsum_eval([], run_dir, out)
+    before = (out / "metrics.json").read_bytes()
+    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}",
+               "--checkpoint", str(run_dir / "final"), "--output-dir", str(out)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "already holds a finished evaluation" in refused.stderr
+    assert (out / "metrics.json").read_bytes() == before
+    assert subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300).returncode == 0

@@ -1,0 +1,112 @@
+"""The ROUGE contract: values match rouge_score computed independently; the variants differ as they should."""
+
+from __future__ import annotations
+
+import pytest
+from rouge_score import rouge_scorer
+
+from dsum.scoring import ROUGE_KEYS, rouge, split_sentences
+
+PREDICTIONS = ["Tom books a table for four at 7 pm.", "Mary buys two tickets to Paris. She pays by card.",
+               "The man asks the way to the station."]
+REFERENCES = [
+    ["Tom books a table for four on Friday at 7 pm.", "Tom reserves a table for four people."],
+    ["Mary buys two train tickets to Paris and pays by card.", "Mary gets tickets.", "Two tickets to Paris for Mary."],
+    ["#Person1# asks #Person2# the way to the station."],
+]
+
+
+def independent(prediction: str, reference: str, key: str) -> float:
+    scorer = rouge_scorer.RougeScorer([key], use_stemmer=True)
+    if key == "rougeLsum":
+        prediction, reference = "\n".join(prediction.split(". ")), "\n".join(reference.split(". "))
+    return scorer.score(reference, prediction)[key].fmeasure
+
+
+def test_primary_is_the_mean_over_references_then_dialogues():
+    metrics = rouge(PREDICTIONS, REFERENCES)
+    for key in ROUGE_KEYS:
+        per_dialogue = [sum(independent(p, r, key) for r in refs) / len(refs) for p, refs in zip(PREDICTIONS, REFERENCES)]
+        assert metrics[key] == pytest.approx(sum(per_dialogue) / 3, abs=1e-9)
+        best = [max(independent(p, r, key) for r in refs) for p, refs in zip(PREDICTIONS, REFERENCES)]
+        first = [independent(p, refs[0], key) for p, refs in zip(PREDICTIONS, REFERENCES)]
+        assert metrics["best_reference"][key] == pytest.approx(sum(best) / 3, abs=1e-9)
+        assert metrics["first_reference"][key] == pytest.approx(sum(first) / 3, abs=1e-9)
+        # The variants differ as they should: best >= mean over references; here the first is the best match.
+        assert metrics["best_reference"][key] > metrics[key]
+        assert metrics["first_reference"][key] > metrics[key]
+        low, high = metrics["confidence_interval_95"][key]
+        assert 0 <= low <= metrics[key] <= high <= 1
+    assert metrics["n"] == 3
+    assert metrics["references_per_dialogue"] == pytest.approx(2.0)
+
+
+def test_one_reference_makes_the_variants_agree_and_identical_text_scores_one():
+    metrics = rouge(["a cat sat on the mat."], [["a cat sat on the mat."]])
+    for key in ROUGE_KEYS:
+        assert metrics[key] == metrics["best_reference"][key] == metrics["first_reference"][key] == pytest.approx(1.0)
+
+
+def test_bootstrap_is_seeded():
+    assert rouge(PREDICTIONS, REFERENCES)["confidence_interval_95"] == rouge(PREDICTIONS, REFERENCES)["confidence_interval_95"]
+
+
+def test_sentences_are_split_offline_for_rougelsum():
+    assert split_sentences("Hi there. How are you? Fine!") == "Hi there.\nHow are you?\nFine!"
+
+
+def run_score(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dsum", "score", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_score_command_reads_jsonl_csv_and_txt(tmp_path):
+    import csv
+    import json
+
+    expected = rouge(PREDICTIONS, REFERENCES)
+    # One JSONL file with both columns, as dsum eval writes it.
+    both = tmp_path / "predictions.jsonl"
+    both.write_text("".join(json.dumps({"id": str(i), "prediction": p, "references": r}) + "\n"
+                            for i, (p, r) in enumerate(zip(PREDICTIONS, REFERENCES))))
+    # A CSV of references (several columns, one left empty) matched by id to a shuffled CSV of predictions.
+    refs_csv, preds_csv = tmp_path / "refs.csv", tmp_path / "preds.csv"
+    with refs_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "summary1", "summary2", "summary3"])
+        for i, r in enumerate(REFERENCES):
+            w.writerow([str(i), *r, *[""] * (3 - len(r))])
+    with preds_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "summary"])
+        for i in (2, 0, 1):
+            w.writerow([str(i), PREDICTIONS[i]])
+    # Plain text, matched by order to single references.
+    (tmp_path / "p.txt").write_text("\n".join(PREDICTIONS) + "\n")
+    (tmp_path / "r.txt").write_text("\n".join(r[0] for r in REFERENCES) + "\n")
+    for args, want in [
+        (["--predictions", str(both)], expected),
+        (["--predictions", str(preds_csv), "--prediction-field", "summary", "--references", str(refs_csv),
+          "--reference-field", "summary1", "--reference-field", "summary2", "--reference-field", "summary3"], expected),
+        (["--predictions", str(tmp_path / "p.txt"), "--references", str(tmp_path / "r.txt")],
+         rouge(PREDICTIONS, [r[:1] for r in REFERENCES])),
+    ]:
+        result = run_score(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        got = json.loads(result.stdout)  # --json prints the metrics object and nothing else
+        for key in ROUGE_KEYS:
+            assert got[key] == pytest.approx(want[key], abs=1e-12)
+
+
+def test_score_command_refuses_too_few_predictions_and_missing_columns(tmp_path):
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    (tmp_path / "r.txt").write_text("one\ntwo\nthree\n")
+    result = run_score("--predictions", str(tmp_path / "p.txt"), "--references", str(tmp_path / "r.txt"))
+    assert result.returncode == 2
+    assert "2 predictions for 3 references" in result.stderr
+    (tmp_path / "x.jsonl").write_text('{"prediction": "a"}\n')
+    result = run_score("--predictions", str(tmp_path / "x.jsonl"))
+    assert result.returncode == 2
+    assert "no 'references', 'summary' or 'summary1', ... column" in result.stderr
