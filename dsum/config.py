@@ -92,6 +92,8 @@ class PromptConfig(Section):
     )
     instruction: str = "Summarize the following conversation."
     system: str | None = Field(None, description="system prompt, for templates that have one")
+    shots: int = Field(0, ge=0, description="evaluation only: solved examples from the training split put before each "
+                                            "dialogue, as many of K as fit in tokenizer.max_source_length")
 
 
 class AdapterConfig(Section):

@@ -18,6 +18,7 @@ from dsum import distributed
 from dsum.config import Recipe, RecipeError
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, generate_predictions
+from dsum.prompts import pick_shots
 from dsum.scoring import rouge, rouge_table
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -29,9 +30,11 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator)
     examples = load_split(recipe.data, recipe.eval.split)[: recipe.eval.max_samples]
     zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
     partial = output_dir / PARTIAL_DIR
+    shots = (pick_shots(load_split(recipe.data, recipe.data.train_split), recipe.prompt.shots, recipe.train.seed)
+             if recipe.prompt.shots else [])
     started = time.perf_counter()
     predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device, synced_gpus=zero3,
-                                       autocast=accelerator.autocast, partial_dir=partial, progress=True)
+                                       autocast=accelerator.autocast, partial_dir=partial, progress=True, shots=shots)
     seconds = time.perf_counter() - started
     if not distributed.is_main():
         distributed.barrier()
@@ -45,6 +48,7 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator)
         "dialogues_per_second": len(predictions) / seconds,
         "generated_tokens_per_second": generated / seconds,
         "world_size": distributed.world_size(),
+        "shots": recipe.prompt.shots,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:

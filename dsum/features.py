@@ -42,10 +42,15 @@ class TruncationStats:
 
 @dataclass
 class Featurizer:
-    """Turns examples into token ids under one recipe's template and budgets."""
+    """Turns examples into token ids under one recipe's template and budgets.
+
+    `shots` are solved examples for few-shot prompts: as many as fit, in order, go before the prompt,
+    and a dialogue that does not fit even alone is cut and gets none.
+    """
 
     recipe: Recipe
     tokenizer: object
+    shots: Sequence[Example] = ()
     stats: TruncationStats = field(default_factory=TruncationStats)
 
     def __post_init__(self) -> None:
@@ -55,6 +60,9 @@ class Featurizer:
         self.eos = self.tokenizer.eos_token_id
         if self.eos is None:
             raise RecipeError("tokenizer: it has no EOS token; summaries need one to end")
+        self.shot_ids = [self._ids(prompts.render(self.template, self.recipe.prompt, shot.dialogue).text
+                                   + prompts.summary_text(self.template, shot.references[0]) + "\n\n\n")
+                         for shot in self.shots]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -73,7 +81,12 @@ class Featurizer:
         if len(body) > budget:
             body = body[:budget]
             self.stats.dialogues_truncated += 1
-        ids = self.bos + prefix + body + suffix
+        shots: list[int] = []
+        for shot in self.shot_ids:
+            if len(shots) + len(shot) > budget - len(body):
+                break
+            shots += shot
+        ids = self.bos + shots + prefix + body + suffix
         return ids + [self.eos] if self.family == "seq2seq" else ids
 
     def summary_ids(self, summary: str) -> list[int]:

@@ -64,12 +64,12 @@ def read_partial(partial_dir: Path) -> dict[str, Prediction]:
 @torch.no_grad()
 def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Example], device, *,
                          synced_gpus: bool = False, autocast=nullcontext, partial_dir: Path | None = None,
-                         progress: bool = False) -> list[Prediction]:
+                         progress: bool = False, shots: Sequence[Example] = ()) -> list[Prediction]:
     """Predictions for every example, in dataset order, on every rank."""
     done = read_partial(partial_dir) if partial_dir is not None else {}
     distributed.barrier()  # every rank has read what is done before any rank appends to it
     todo = [e for e in examples if e.id not in done]
-    featurizer = Featurizer(recipe, tokenizer)
+    featurizer = Featurizer(recipe, tokenizer, shots=shots)
     prompt_ids = [featurizer.prompt_ids(e.dialogue) for e in todo]
     batches = plan_batches([len(p) for p in prompt_ids], recipe.eval.batch_size)
     world, rank = distributed.world_size(), distributed.rank()

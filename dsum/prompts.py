@@ -2,13 +2,17 @@
 
 A prompt is `prefix + dialogue + suffix`: the prefix holds the instruction (and system prompt), the
 suffix cues the summary. Features tokenize the parts separately and shorten the dialogue alone.
+A few-shot prompt puts solved examples (the same template, followed by their summary) before it.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from typing import Sequence
 
 from dsum.config import PromptConfig
+from dsum.data import Example
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ def render(template: str, prompt: PromptConfig, dialogue: str) -> PromptParts:
     else:  # the schema admits no other value
         raise ValueError(f"unknown prompt template {template!r}")
     return PromptParts(prefix.format(instruction=prompt.instruction, system=prompt.system or ""), dialogue, suffix)
+
+
+def pick_shots(train: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """K solved examples for few-shot prompts: the same for every dialogue, fixed by the seed."""
+    return [train[i] for i in random.Random(seed).sample(range(len(train)), min(k, len(train)))]
 
 
 def summary_text(template: str, summary: str) -> str:

@@ -109,3 +109,24 @@ def test_a_finished_evaluation_is_not_overwritten_unless_asked(run_dir, tmp_path
     assert refused.returncode == 2 and "already holds a finished evaluation" in refused.stderr
     assert (out / "metrics.json").read_bytes() == before
     assert subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300).returncode == 0
+
+
+def test_a_prompted_baseline_evaluates_the_base_alone_with_shots(run_dir, tmp_path):
+    out = tmp_path / "fewshot"
+    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "prompt.shots=2",
+               "tokenizer.max_source_length=400", "--output-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["shots"] == 2 and metrics["n"] == 7
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    # Two solved examples precede each dialogue: every prompt is longer than the dialogue's zero-shot prompt.
+    from transformers import AutoTokenizer
+
+    from dsum.data import load_split
+    from dsum.features import Featurizer
+
+    recipe = tiny("t5-full", run_dir, *SETTINGS, "tokenizer.max_source_length=400")
+    zero_shot = Featurizer(recipe, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
+    for row, example in zip(rows, load_split(recipe.data, "test")):
+        assert row["prompt_tokens"] > len(zero_shot.prompt_ids(example.dialogue)) + 40

@@ -90,3 +90,24 @@ def test_collator_pads_to_the_longest_row_only(tokenizers):
     assert batch["decoder_input_ids"][0, 0].item() == tok.pad_token_id
     assert batch["decoder_input_ids"][0, 1].item() == features[0].labels[0]
     assert num_target_tokens(batch) == sum(len(f.labels) for f in features)
+
+
+def test_few_shot_prompts_fit_the_budget_and_put_solved_examples_first(tokenizers):
+    from dsum.prompts import pick_shots
+
+    recipe, tok = tokenizers["t5"]
+    recipe = recipe.model_copy(deep=True)
+    recipe.tokenizer.max_source_length = 120
+    train = [Example(str(i), DIALOGUE.replace("four", str(i)), (f"Summary number {i}.",)) for i in range(20)]
+    shots = pick_shots(train, 3, seed=7)
+    assert shots == pick_shots(train, 3, seed=7) and len({s.id for s in shots}) == 3  # fixed by the seed
+    featurizer = Featurizer(recipe, tok, shots=shots)
+    for length in range(0, 400, 25):  # from an empty dialogue to one far over budget
+        ids = featurizer.prompt_ids(DIALOGUE[:length] + "x" * max(0, length - len(DIALOGUE)))
+        assert len(ids) <= 120
+    short = tok.decode(featurizer.prompt_ids("#Person1#: Hi."))
+    assert short.count("Summary:") >= 2  # at least one solved example fits before the dialogue
+    assert shots[0].references[0] in short and short.index(shots[0].references[0]) < short.rindex("#Person1#: Hi.")
+    assert short.removesuffix("</s>").rstrip().endswith("Summary:")
+    long = tok.decode(featurizer.prompt_ids(DIALOGUE * 20))
+    assert long.count("Summary:") == 1  # no room left: the dialogue alone, cut to fit
