@@ -4,6 +4,7 @@
     dsum validate RECIPE [key.sub=value ...] [--num-processes N]
     dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite]
     dsum score --predictions FILE [--references FILE] [--prediction-field F] [--reference-field F ...] [--json]
+    dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
     dsum demo [--output-dir DIR]
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2.
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print the metrics object, and nothing else, as JSON")
     score.set_defaults(run=run_score)
 
+    compare = sub.add_parser("compare", help="a report comparing runs or evaluations (HTML, Markdown, CSV, plots)")
+    compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_EVAL_DIR",
+                         help="run directories (with eval/) or evaluation directories; the first is the baseline")
+    compare.add_argument("--out", type=Path, default=Path("reports/compare"), metavar="DIR",
+                         help="where the report goes (default: reports/compare)")
+    compare.add_argument("--samples", type=int, default=5, metavar="K", help="sample dialogues shown (default: 5)")
+    compare.set_defaults(run=run_compare)
+
     demo = sub.add_parser("demo", help="train and evaluate a tiny model on the synthetic corpus, offline, on a CPU")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo run goes (default: runs/demo)")
     demo.set_defaults(run=run_demo)
@@ -131,6 +140,14 @@ def run_score(args: argparse.Namespace) -> int:
         print(json.dumps(metrics))
     else:
         print(rouge_table(metrics, f"ROUGE F1 of {args.predictions} (n={metrics['n']}; mean over references, then dialogues)"))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dsum.report import compare
+
+    out = compare(args.runs, args.out, samples=args.samples)
+    print(f"report: {out / 'report.html'} (also report.md, rouge.csv, changes.csv, samples.csv)")
     return 0
 
 

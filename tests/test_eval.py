@@ -130,3 +130,32 @@ def test_a_prompted_baseline_evaluates_the_base_alone_with_shots(run_dir, tmp_pa
     zero_shot = Featurizer(recipe, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
     for row, example in zip(rows, load_split(recipe.data, "test")):
         assert row["prompt_tokens"] > len(zero_shot.prompt_ids(example.dialogue)) + 40
+
+
+def test_the_comparison_report_renders_with_its_tables_and_plots(run_dir, tmp_path):
+    import csv
+
+    from dsum.report import compare
+
+    # Two evaluations of the same split: the trained run (with its loss curve) and a prompted baseline.
+    dsum_eval([], run_dir, run_dir / "eval")
+    baseline = tmp_path / "zero-shot"
+    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}",
+               "--output-dir", str(baseline)]
+    assert subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == 0
+    out = compare([baseline, run_dir], tmp_path / "report", samples=3)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2  # ROUGE bars and the loss curve, embedded
+    assert "Change over the first run" in page and "Sample summaries" in page
+    rouge_rows = list(csv.DictReader((out / "rouge.csv").open()))
+    assert [r["run"] for r in rouge_rows] == ["zero-shot", "run"]
+    trained = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert float(rouge_rows[1]["rouge1"]) == pytest.approx(trained["rouge1"])
+    change = list(csv.DictReader((out / "changes.csv").open()))[0]
+    base = json.loads((baseline / "metrics.json").read_text())
+    assert float(change["rouge1_change"]) == pytest.approx(trained["rouge1"] - base["rouge1"], abs=1e-9)
+    assert 0 <= float(change["rouge1_p"]) <= 1
+    samples = list(csv.DictReader((out / "samples.csv").open()))
+    assert len(samples) == 3 and set(samples[0]) == {"id", "reference", "zero-shot", "run"}
+    assert (out / "report.md").read_text().startswith("# dsum comparison")
+    assert (out / "loss.png").stat().st_size > 1000
