@@ -158,6 +158,8 @@ class EvalConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     no_repeat_ngram_size: int = Field(0, ge=0)
     after_training: bool = Field(True, description="generate and score eval.split at the end of dsum train")
+    validation_samples: int = Field(0, ge=0, description="validation dialogues generated and scored (ROUGE) with each "
+                                                         "validation loss during training; 0 for the loss alone")
 
 
 class Recipe(Section):

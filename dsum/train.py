@@ -160,24 +160,24 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
             last_log = now
 
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-            val = validation_loss(model, val_features, collate, recipe, accelerator)
-            metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "validation_loss": val})
-            trackers.log({"validation_loss": val}, step)
+            record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
+            metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **record})
+            trackers.log(record, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan), cfg.save_total_limit)
     progress.close()
 
     # ---- save ------------------------------------------------------------------------------
-    val = validation_loss(model, val_features, collate, recipe, accelerator)
-    metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "validation_loss": val})
-    trackers.log({"validation_loss": val}, step)
+    record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
+    metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **record})
+    trackers.log(record, step)
     final = checkpoint.save_final(accelerator, model, tokenizer, output_dir)
     if recipe.eval.after_training:
         from dsum.evaluate import evaluate
 
         evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir / "eval",
                  accelerator=accelerator)
-    run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=val)
+    run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"])
     trackers.finish()
     accelerator.end_training()
     return final
@@ -201,6 +201,24 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], family: str, label_smo
         reduction="sum",
         label_smoothing=label_smoothing,
     )
+
+
+def validate(model, tokenizer, examples, features, collate, recipe: Recipe, accelerator) -> dict[str, float]:
+    """Validation loss, and ROUGE on the first eval.validation_samples dialogues with the evaluation's generator."""
+    record = {"validation_loss": validation_loss(model, features, collate, recipe, accelerator)}
+    if recipe.eval.validation_samples:
+        from dsum.generate import generate_predictions
+        from dsum.scoring import ROUGE_KEYS, rouge
+
+        zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        predictions = generate_predictions(recipe, accelerator.unwrap_model(model), tokenizer,
+                                           examples[: recipe.eval.validation_samples], accelerator.device,
+                                           synced_gpus=zero3, autocast=accelerator.autocast)
+        model.train()
+        if distributed.is_main():  # the others' records are never written
+            scores = rouge([p.prediction for p in predictions], [p.references for p in predictions])
+            record.update({f"validation_{key}": scores[key] for key in ROUGE_KEYS})
+    return record
 
 
 @torch.no_grad()

@@ -134,9 +134,10 @@ def test_bf16_checkpointing_validation_cadence_and_tensorboard(tmp_path):
     out = tmp_path / "run"
     train(tiny("llama-lora", out, "train.max_steps=6", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
                "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=1", "train.trackers=[tensorboard]",
-               "train.per_device_batch_size=4"))
+               "train.per_device_batch_size=4", "eval.validation_samples=3", "eval.max_new_tokens=6"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "validation_loss" in r] == [2, 4, 6]
+    assert all(0 <= r["validation_rouge1"] <= 1 for r in rows if "validation_loss" in r)
     assert all(set(r) >= {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds"}
                for r in rows if "loss" in r)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # older ones pruned, none at the end
