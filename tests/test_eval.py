@@ -54,10 +54,12 @@ def test_same_predictions_with_1_2_and_3_processes(run_dir, tmp_path):
 def test_zero3_predictions_match_ddp(run_dir, tmp_path):
     from test_distributed import free_port
 
+    # Batches of 3: 3 batches for 2 ranks, so under ZeRO-3 one rank must join a generate call it has no work for.
     dsum_eval(["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())], run_dir,
-              tmp_path / "ddp", env={"ACCELERATE_USE_CPU": "true"})
+              tmp_path / "ddp", "eval.batch_size=3", env={"ACCELERATE_USE_CPU": "true"})
     dsum_eval(["accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "zero3.yaml"),
-               "--num_processes", "2", "--main_process_port", str(free_port())], run_dir, tmp_path / "z3")
+               "--num_processes", "2", "--main_process_port", str(free_port())], run_dir, tmp_path / "z3",
+              "eval.batch_size=3")
     assert (tmp_path / "z3" / "predictions.jsonl").read_bytes() == (tmp_path / "ddp" / "predictions.jsonl").read_bytes()
 
 
