@@ -11,7 +11,6 @@ accumulation, train exactly as one batch of 8.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -30,7 +29,6 @@ from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_real_tokens, n
 from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
 
-log = logging.getLogger(__name__)
 
 
 def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
@@ -110,7 +108,9 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
     model.train()
-    window_totals = torch.zeros(3, dtype=torch.float64)  # loss sum, target tokens, real tokens since last log
+    # Since the last log: the loss sum stays on the device (no sync per micro-batch); token counts are known here.
+    loss_since_log = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    targets_since_log = real_tokens_since_log = 0
     started = last_log = time.perf_counter()
     while step < total_steps:
         epoch, index = divmod(step, plan.steps_per_epoch)
@@ -134,13 +134,16 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                     grad_norm = clip_gradients(accelerator, model, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_totals += torch.tensor([loss_sum.item(), num_target_tokens(batch), num_real_tokens(batch)], dtype=torch.float64)
+            loss_since_log += loss_sum.detach().double()
+            targets_since_log += num_target_tokens(batch)
+            real_tokens_since_log += num_real_tokens(batch)
         scheduler.step()
         step += 1
         progress.update(1)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
-            loss_total, targets, real_tokens = distributed.sum_all(window_totals.tolist())
+            loss_total, targets, real_tokens = distributed.sum_all(
+                [loss_since_log.item(), targets_since_log, real_tokens_since_log])
             now = time.perf_counter()
             record = {
                 "step": step,
@@ -156,7 +159,8 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if not math.isfinite(record["loss"]):
                 raise RuntimeError(f"loss is {record['loss']} at step {step}; the last checkpoint is left as it was")
-            window_totals.zero_()
+            loss_since_log.zero_()
+            targets_since_log = real_tokens_since_log = 0
             last_log = now
 
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
