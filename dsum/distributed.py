@@ -46,6 +46,16 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
+def process_group_kwargs() -> list:
+    """Accelerate's kwargs_handlers: on a CPU it picks no backend for DeepSpeed and believes it runs
+    alone, so name gloo, the one there is."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
+                        and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    return [InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else []
+
+
 def _device() -> torch.device:
     if initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

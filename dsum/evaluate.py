@@ -66,16 +66,12 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
     """`dsum eval`: load the model the arguments name, then evaluate it."""
     from accelerate import Accelerator
 
-    from dsum.train import deepspeed_on_cpu
-
     output_dir = output_dir or Path(recipe.output_dir) / "eval"
     if (output_dir / METRICS_FILE).is_file() and not overwrite:
         raise RecipeError(f"{output_dir} already holds a finished evaluation; pass --overwrite to replace it, "
                           "or --output-dir to write elsewhere")
-    from accelerate.utils import InitProcessGroupKwargs
-
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu() else [])
+                              kwargs_handlers=distributed.process_group_kwargs())
     if overwrite and distributed.is_main():
         (output_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)

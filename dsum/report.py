@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dsum.config import RecipeError
-from dsum.scoring import BOOTSTRAP_SAMPLES, ROUGE_KEYS, rouge, score_matrix
+from dsum.scoring import BOOTSTRAP_SAMPLES, ROUGE_KEYS, rouge_from_matrix, score_matrix
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RunResult:
     eval_dir: Path
     metrics: dict
     predictions: dict[str, dict]  # id -> row of predictions.jsonl, in dataset order
+    scores: dict[str, np.ndarray]  # id -> primary ROUGE of that dialogue (mean over references), per ROUGE_KEYS
     losses: list[dict]  # rows of the run's metrics.jsonl (empty for an evaluation without a run)
 
 
@@ -42,15 +43,10 @@ def find_run(path: Path) -> RunResult:
     metrics_log = run_dir / "metrics.jsonl"
     losses = [json.loads(line) for line in metrics_log.read_text().splitlines()] if metrics_log.is_file() else []
     # Scored again from the predictions, so that every run is measured by this version's contract.
-    metrics = rouge([r["prediction"] for r in rows], [r["references"] for r in rows])
-    return RunResult(name=run_dir.name, eval_dir=eval_dir, metrics=metrics, predictions={r["id"]: r for r in rows},
-                     losses=losses)
-
-
-def per_dialogue(run: RunResult, ids: list[str]) -> np.ndarray:
-    """Primary ROUGE per dialogue (mean over its references), dialogues x ROUGE_KEYS."""
-    rows = [run.predictions[i] for i in ids]
-    return np.array([m.mean(axis=0) for m in score_matrix([r["prediction"] for r in rows], [r["references"] for r in rows])])
+    matrix = score_matrix([r["prediction"] for r in rows], [r["references"] for r in rows])
+    return RunResult(name=run_dir.name, eval_dir=eval_dir, metrics=rouge_from_matrix(matrix),
+                     predictions={r["id"]: r for r in rows},
+                     scores={r["id"]: m.mean(axis=0) for r, m in zip(rows, matrix)}, losses=losses)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
@@ -74,7 +70,7 @@ def compare(paths: list[Path], out: Path, samples: int = 5) -> Path:
     common = [i for i in runs[0].predictions if all(i in r.predictions for r in runs[1:])]
     if not common:
         raise RecipeError("dsum compare: the runs share no dialogue id; compare evaluations of the same split")
-    scores = [per_dialogue(r, common) for r in runs]
+    scores = [np.array([r.scores[i] for i in common]) for r in runs]
 
     table = pd.DataFrame([{
         "run": name, "n": r.metrics["n"],

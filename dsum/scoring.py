@@ -45,7 +45,13 @@ def score_matrix(predictions: Sequence[str], references: Sequence[Sequence[str]]
 def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]], *, seed: int = 0) -> dict:
     """The metrics object of `metrics.json` and `dsum score`: primary ROUGE, variants, intervals, n."""
     started = time.perf_counter()
-    matrix = score_matrix(predictions, references)
+    metrics = rouge_from_matrix(score_matrix(predictions, references), seed=seed)
+    metrics["scoring_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def rouge_from_matrix(matrix: list[np.ndarray], *, seed: int = 0) -> dict:
+    """`rouge()` from per-dialogue score arrays already computed by `score_matrix`."""
     mean_over_refs = np.array([m.mean(axis=0) for m in matrix])  # dialogues x keys
     best = np.array([m.max(axis=0) for m in matrix])
     first = np.array([m[0] for m in matrix])
@@ -57,7 +63,6 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]], *, se
         first_reference={key: float(first[:, i].mean()) for i, key in enumerate(ROUGE_KEYS)},
         n=len(matrix),
         references_per_dialogue=float(np.mean([len(m) for m in matrix])),
-        scoring_seconds=time.perf_counter() - started,
     )
     return metrics
 

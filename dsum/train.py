@@ -12,7 +12,6 @@ accumulation, train exactly as one batch of 8.
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
           run_tags: dict[str, Any] | None = None) -> Path:
     """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import set_seed
 
     output_dir = Path(recipe.output_dir)
     cfg = recipe.train
@@ -45,8 +44,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         step_scheduler_with_optimizer=False,  # stepped below, once per optimizer step
-        # On a CPU Accelerate picks no backend for DeepSpeed and believes it runs alone; gloo is the one there is.
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu() else [],
+        kwargs_handlers=distributed.process_group_kwargs(),
     )
     check_launch(accelerator, recipe)
     rank, world_size = distributed.rank(), distributed.world_size()
@@ -278,11 +276,6 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def deepspeed_on_cpu() -> bool:
-    return (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
-            and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def check_launch(accelerator, recipe: Recipe) -> None:
