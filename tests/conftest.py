@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The DialogSum files (train/validation/test .jsonl); its license keeps them out of the repository.
+DIALOGSUM = Path(os.environ.get("DSUM_DIALOGSUM_DIR", ROOT.parent / "shared" / "data" / "dialogsum"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import DIALOGSUM
 from dsum.config import DataConfig, RecipeError, SyntheticConfig
 from dsum.data import Example, load_split, rows_to_examples
 from dsum.data import synthetic
 from dsum.data.sources import RawSplit
 
 REPO = Path(__file__).resolve().parents[1]
-DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"
 
 ROWS = [
     {"id": "a", "dialogue": "#Person1#: Hi.\n#Person2#: Hello, Tom.", "summary": "Two people greet.", "topic": "hello"},

@@ -147,9 +147,7 @@ def test_bf16_checkpointing_validation_cadence_and_tensorboard(tmp_path):
 
 
 def test_trains_on_the_dialogsum_files(tmp_path):
-    from conftest import ROOT
-
-    data = ROOT.parent / "shared" / "data" / "dialogsum"
+    from conftest import DIALOGSUM as data
     out = tmp_path / "real"
     train(tiny("t5-full", out, f"data.source={data}", "data.max_train_samples=64", "train.max_steps=2",
                "tokenizer.max_source_length=128", "train.eval_max_batches=2"))
