@@ -41,6 +41,38 @@ def test_primary_is_the_mean_over_references_then_dialogues():
     assert metrics["references_per_dialogue"] == pytest.approx(2.0)
 
 
+def test_reproduces_published_figures():
+    """Outputs and figures published with the reference implementations, reproduced exactly.
+
+    - rouge_score's README (google-research/rouge): prediction "The quick brown dog jumps on the log."
+      against "The quick brown fox jumps over the lazy dog", stemmer on: rouge1 F1 0.7058823529411765,
+      rougeL F1 0.5882352941176471.
+    - The Hugging Face `evaluate` ROUGE metric card, several references per prediction (it keeps the
+      best reference): rouge1 0.8333, rouge2 0.5, rougeL 0.8333, rougeLsum 0.8333.
+    """
+    single = rouge(["The quick brown dog jumps on the log."], [["The quick brown fox jumps over the lazy dog"]])
+    assert single["rouge1"] == 0.7058823529411765
+    assert single["rougeL"] == 0.5882352941176471
+
+    several = rouge(["hello there", "general kenobi"], [["hello", "there"], ["general kenobi", "general yoda"]])
+    assert {k: round(v, 4) for k, v in several["best_reference"].items()} == {
+        "rouge1": 0.8333, "rouge2": 0.5, "rougeL": 0.8333, "rougeLsum": 0.8333}
+    # The primary figure averages over references instead, so it is lower on the same outputs.
+    # Dialogue 1: 2/3 against each reference; dialogue 2: 1 and 1/2, mean 3/4.
+    assert several["rouge1"] == pytest.approx((2 / 3 + 3 / 4) / 2, abs=1e-12)
+
+
+def test_flattened_rows_scored_one_by_one_give_the_primary_figure():
+    rows = [(p, r) for p, refs in zip(PREDICTIONS, REFERENCES) for r in refs]
+    flat = rouge([p for p, _ in rows], [[r] for _, r in rows])
+    per_dialogue = rouge(PREDICTIONS, REFERENCES)
+    # Equal only when every dialogue has the same number of references, as DialogSum's test split has.
+    same_count = rouge(PREDICTIONS[:1] * 2, [REFERENCES[0], REFERENCES[0][::-1]])
+    flat_same = rouge(PREDICTIONS[:1] * 4, [[r] for r in REFERENCES[0] * 2])
+    assert flat_same["rouge1"] == pytest.approx(same_count["rouge1"], abs=1e-12)
+    assert flat["rouge1"] != pytest.approx(per_dialogue["rouge1"], abs=1e-6)
+
+
 def test_one_reference_makes_the_variants_agree_and_identical_text_scores_one():
     metrics = rouge(["a cat sat on the mat."], [["a cat sat on the mat."]])
     for key in ROUGE_KEYS:
