@@ -10,7 +10,9 @@ DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test slurm
 
 setup: $(VENV)/.installed
 
@@ -23,5 +25,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/dsum demo --output-dir $(DEMO_DIR)
 
-test: setup
+# Debian's SLURM and munge: tests/test_slurm.py starts a one-node cluster on loopback and submits to it.
+slurm:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+	  $(SUDO) apt-get install -y -q slurm-wlm munge >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q slurm-wlm munge >/dev/null; }
+
+test: setup slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

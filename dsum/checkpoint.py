@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsum import distributed
+from dsum import distributed, faults
 from dsum.config import RecipeError
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+FINISHED = "finished"
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
@@ -53,6 +54,23 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     return path
 
 
+def auto_resume(output_dir: Path) -> tuple[str | None, bool]:
+    """`--resume auto`: (resume, overwrite) for a run that may have started, stopped or finished.
+
+    Nothing there yet: start. A finished run: `FINISHED`, nothing to do. A complete checkpoint:
+    continue from the newest. A run that saved none: start it again.
+    """
+    from dsum.run_info import RUN_FILE, read_status
+
+    if not (output_dir / RUN_FILE).is_file():
+        return None, False
+    if read_status(output_dir / RUN_FILE) == "finished" and (output_dir / FINAL).is_dir():
+        return FINISHED, False
+    if complete_checkpoints(output_dir):
+        return "latest", False
+    return None, True
+
+
 def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Save on every rank into a temporary directory, then complete and rename it on rank 0."""
     final = checkpoint_path(output_dir, state["global_step"])
@@ -62,6 +80,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: 
         tmp.mkdir(parents=True)
     distributed.barrier()
     accelerator.save_state(str(tmp))
+    faults.point("checkpoint.save", state["global_step"])  # half written: no marker, not renamed
     torch.save(rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():

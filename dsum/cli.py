@@ -1,10 +1,11 @@
 """The `dsum` command: parses arguments, then calls one function per sub-command.
 
-    dsum train RECIPE [key.sub=value ...] [--resume [PATH|latest]] [--overwrite]
+    dsum train RECIPE [key.sub=value ...] [--resume [PATH|latest|auto]] [--overwrite]
     dsum validate RECIPE [key.sub=value ...] [--num-processes N]
-    dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite]
+    dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite] [--skip-finished]
     dsum score --predictions FILE [--references FILE] [--prediction-field F] [--reference-field F ...] [--json]
     dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
+    dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
     dsum demo [--output-dir DIR]
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2.
@@ -20,7 +21,9 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+from dsum import distributed
 from dsum.config import RecipeError, load_recipe
+from dsum.preemption import Stopped
 
 EXIT_USAGE = 2
 
@@ -41,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"dsum: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Stopped as stopped:  # SIGUSR1 / SIGTERM: progress is saved, and the same command continues
+        if distributed.is_main():
+            print(f"dsum: {stopped}", file=sys.stderr, flush=True)
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a recipe")
     add_recipe_arguments(train)
-    train.add_argument("--resume", nargs="?", const="latest", metavar="PATH|latest",
-                       help="continue from a checkpoint directory, or the newest complete one (default: latest)")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="PATH|latest|auto",
+                       help="continue from a checkpoint directory, or the newest complete one (default: latest); "
+                            "auto: continue if there is a checkpoint, start if there is no run, do nothing if it finished")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     train.set_defaults(run=run_train)
 
@@ -66,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a run's final/ (full model or adapter); default: the recipe's base model, zero-shot")
     evaluate.add_argument("--output-dir", type=Path, metavar="DIR", help="default: <output_dir>/eval")
     evaluate.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in the output directory")
+    evaluate.add_argument("--skip-finished", action="store_true",
+                          help="do nothing if the output directory holds a finished evaluation (for requeued jobs)")
     evaluate.set_defaults(run=run_evaluate)
 
     score = sub.add_parser("score", help="score existing predictions against references with dsum's ROUGE")
@@ -86,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where the report goes (default: reports/compare)")
     compare.add_argument("--samples", type=int, default=5, metavar="K", help="sample dialogues shown (default: 5)")
     compare.set_defaults(run=run_compare)
+
+    submit = sub.add_parser("submit", help="render a SLURM batch script for a recipe and submit it with sbatch")
+    add_recipe_arguments(submit)
+    submit.add_argument("--nodes", type=int, required=True, metavar="N")
+    submit.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="0 for a CPU job")
+    submit.add_argument("--job", choices=("train", "eval"), default="train", help="default: train")
+    submit.add_argument("--checkpoint", type=Path, metavar="DIR", help="for --job eval: the model to evaluate")
+    submit.add_argument("--accelerate", metavar="NAME|PATH",
+                        help="accelerate_configs/NAME.yaml (default: ddp on one node, multi_node_ddp on several)")
+    submit.add_argument("--time", metavar="HH:MM:SS", help="time limit")
+    submit.add_argument("--partition", metavar="P")
+    submit.add_argument("--account", metavar="A")
+    submit.add_argument("--procs-per-node", type=int, metavar="N",
+                        help="processes per node (default: the GPUs per node; 1 for a CPU job)")
+    submit.add_argument("--signal-seconds", type=int, default=300, metavar="S",
+                        help="SIGUSR1 this long before the time limit: checkpoint, stop, requeue (default: 300)")
+    submit.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default: 29500)")
+    submit.add_argument("--env-file", type=Path, metavar="FILE",
+                        help="sourced by the job first: module loads, virtual environment, NCCL_* variables")
+    submit.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        help="another #SBATCH option, for example --sbatch=--qos=high (repeatable)")
+    submit.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
+    submit.set_defaults(run=run_submit)
 
     demo = sub.add_parser("demo", help="train and evaluate a tiny model on the synthetic corpus, offline, on a CPU")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo run goes (default: runs/demo)")
@@ -123,7 +156,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dsum.evaluate import run_eval
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_eval(recipe, checkpoint=args.checkpoint, output_dir=args.output_dir, overwrite=args.overwrite)
+    run_eval(recipe, checkpoint=args.checkpoint, output_dir=args.output_dir, overwrite=args.overwrite,
+             skip_finished=args.skip_finished)
+    return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from dsum.submit import SubmitOptions, submit
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    options = SubmitOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, job=args.job, procs_per_node=args.procs_per_node,
+        accelerate=args.accelerate, time=args.time, partition=args.partition, account=args.account,
+        signal_seconds=args.signal_seconds, port=args.port, env_file=args.env_file, checkpoint=args.checkpoint,
+        sbatch_options=args.sbatch)
+    submit(recipe, options, dry_run=args.dry_run)
     return 0
 
 
@@ -179,6 +226,7 @@ def quiet_libraries() -> None:
     """Library chatter that says nothing to a dsum user stays out of the terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     import torch
     import transformers
 

@@ -18,6 +18,7 @@ from dsum import distributed
 from dsum.config import Recipe, RecipeError
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, generate_predictions
+from dsum.preemption import StopSignals
 from dsum.prompts import pick_shots
 from dsum.scoring import rouge, rouge_table
 
@@ -25,7 +26,8 @@ PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 
 
-def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator) -> dict | None:
+def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
+             stop: StopSignals | None = None) -> dict | None:
     """Every rank generates its batches; rank 0 scores, writes the files and returns the metrics."""
     examples = load_split(recipe.data, recipe.eval.split)[: recipe.eval.max_samples]
     zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
@@ -34,7 +36,8 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator)
              if recipe.prompt.shots else [])
     started = time.perf_counter()
     predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device, synced_gpus=zero3,
-                                       autocast=accelerator.autocast, partial_dir=partial, progress=True, shots=shots)
+                                       autocast=accelerator.autocast, partial_dir=partial, progress=True, shots=shots,
+                                       stop=stop)
     seconds = time.perf_counter() - started
     if not distributed.is_main():
         distributed.barrier()
@@ -62,11 +65,19 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator)
     return metrics
 
 
-def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None, overwrite: bool) -> dict | None:
-    """`dsum eval`: load the model the arguments name, then evaluate it."""
+def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None, overwrite: bool,
+             skip_finished: bool = False) -> dict | None:
+    """`dsum eval`: load the model the arguments name, then evaluate it.
+
+    SIGUSR1 or SIGTERM, from the start: stop after the current batch, keeping what is generated.
+    """
     from accelerate import Accelerator
 
     output_dir = output_dir or Path(recipe.output_dir) / "eval"
+    if (output_dir / METRICS_FILE).is_file() and skip_finished and not overwrite:
+        if distributed.is_main():
+            print(f"{output_dir} already holds a finished evaluation; nothing to do", flush=True)
+        return None
     if (output_dir / METRICS_FILE).is_file() and not overwrite:
         raise RecipeError(f"{output_dir} already holds a finished evaluation; pass --overwrite to replace it, "
                           "or --output-dir to write elsewhere")
@@ -76,10 +87,11 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
         (output_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
     distributed.barrier()
-    model, tokenizer = load_for_eval(recipe, checkpoint)
-    model = prepare_for_inference(accelerator, model, recipe)
-    return evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir,
-                    accelerator=accelerator)
+    with StopSignals() as stop:
+        model, tokenizer = load_for_eval(recipe, checkpoint)
+        model = prepare_for_inference(accelerator, model, recipe)
+        return evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir,
+                        accelerator=accelerator, stop=stop)
 
 
 def prepare_for_inference(accelerator, model, recipe: Recipe):

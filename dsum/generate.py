@@ -26,6 +26,7 @@ from dsum import distributed
 from dsum.config import Recipe
 from dsum.data import Example
 from dsum.features import Featurizer, pad
+from dsum.preemption import Stopped, StopSignals
 
 PARTIAL_DIR = "partial"
 
@@ -64,8 +65,13 @@ def read_partial(partial_dir: Path) -> dict[str, Prediction]:
 @torch.no_grad()
 def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Example], device, *,
                          synced_gpus: bool = False, autocast=nullcontext, partial_dir: Path | None = None,
-                         progress: bool = False, shots: Sequence[Example] = ()) -> list[Prediction]:
-    """Predictions for every example, in dataset order, on every rank."""
+                         progress: bool = False, shots: Sequence[Example] = (),
+                         stop: StopSignals | None = None) -> list[Prediction]:
+    """Predictions for every example, in dataset order, on every rank.
+
+    With `stop`, the ranks agree after each batch whether one of them got SIGUSR1 or SIGTERM; if so,
+    what is written to `partial_dir` stays and `Stopped` is raised.
+    """
     done = read_partial(partial_dir) if partial_dir is not None else {}
     distributed.barrier()  # every rank has read what is done before any rank appends to it
     todo = [e for e in examples if e.id not in done]
@@ -85,6 +91,12 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
     model.eval()
     results: list[Prediction] = []
     for call in tqdm(range(calls), desc="generate", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
+        # Every rank makes every call, so every rank votes here: stop together, between batches.
+        if stop is not None and distributed.sum_all([stop.vote()])[0]:
+            if sink is not None:
+                sink.close()
+            raise Stopped(f"stopped on {stop.received or 'a signal to another process'} after {call} of {calls} "
+                          f"batches; the predictions so far are in {partial_dir}; run the same command to continue")
         repeat = call >= len(mine)  # out of work, but ZeRO-3 needs every rank in every forward pass
         ids = mine[call] if not repeat else batches[0]
         rows = [prompt_ids[i] for i in ids]

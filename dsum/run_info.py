@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+SLURM_DIR = "slurm"  # `dsum submit` keeps the batch script and the job's logs here, before the run starts
 PACKAGES = ("dsum", "torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes", "tokenizers", "datasets")
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
                    "comet_ml": "comet_ml", "clearml": "clearml"}
@@ -41,12 +42,16 @@ def ensure_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise RecipeError(problem)
     if overwrite and (output_dir / RUN_FILE).is_file():
         if distributed.is_main():
-            shutil.rmtree(output_dir)
+            for entry in run_entries(output_dir):
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         distributed.barrier()
 
 
 def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
-    if not output_dir.exists() or not any(output_dir.iterdir()):
+    if not output_dir.exists() or not run_entries(output_dir):
         return None
     run_file = output_dir / RUN_FILE
     if not run_file.is_file():
@@ -56,6 +61,11 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     status = read_status(run_file)
     hint = "pass --resume latest to continue it, or " if status != "finished" else ""
     return f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it"
+
+
+def run_entries(output_dir: Path) -> list[Path]:
+    """What a run wrote into its directory; the SLURM job's own files stay, whatever happens to the run."""
+    return [p for p in output_dir.iterdir() if p.name != SLURM_DIR]
 
 
 def read_status(run_file: Path) -> str:

@@ -25,6 +25,7 @@ from dsum.batching import BatchPlan
 from dsum.config import Recipe, RecipeError, TrainConfig
 from dsum.data import Example, load_split
 from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_real_tokens, num_target_tokens
+from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
 
@@ -32,12 +33,25 @@ from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir
 
 def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
           run_tags: dict[str, Any] | None = None) -> Path:
-    """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json."""
+    """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json.
+
+    SIGUSR1 or SIGTERM, from the start: save a checkpoint at the next step boundary and raise `Stopped`.
+    """
+    with StopSignals() as stop:
+        return _train(recipe, resume, overwrite, run_tags or {}, stop)
+
+
+def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[str, Any], stop: StopSignals) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     output_dir = Path(recipe.output_dir)
     cfg = recipe.train
+    if resume == "auto":  # what a requeued job runs: continue, start, or see that it is done
+        resume, overwrite = checkpoint.auto_resume(output_dir)
+        if resume == checkpoint.FINISHED:
+            print(f"{output_dir} already holds a finished run; nothing to do", flush=True)
+            return output_dir / checkpoint.FINAL
 
     # ---- set up: launch, output directory, seed -------------------------------------------
     accelerator = Accelerator(
@@ -51,7 +65,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     if resume is None:
         ensure_fresh_output_dir(output_dir, overwrite)
     run = RunInfo(output_dir, recipe, accelerator, world_size)
-    run.start(resumed_from=resume, **(run_tags or {}))
+    run.start(resumed_from=resume, **run_tags)
     set_seed(cfg.seed)
 
     # ---- data, tokenizer, features ---------------------------------------------------------
@@ -86,7 +100,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # ---- resume ----------------------------------------------------------------------------
-    step = 0
+    step, state = 0, {}
     if resume is not None:
         path = checkpoint.resolve_resume(output_dir, resume)
         state = checkpoint.load_checkpoint(accelerator, path)
@@ -106,9 +120,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
     model.train()
-    # Since the last log: the loss sum stays on the device (no sync per micro-batch); token counts are known here.
-    loss_since_log = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    targets_since_log = real_tokens_since_log = 0
+    window_log = LogWindow(accelerator.device, state.get("log_window") if resume is not None else None)
     started = last_log = time.perf_counter()
     while step < total_steps:
         epoch, index = divmod(step, plan.steps_per_epoch)
@@ -117,7 +129,10 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
         # Normalise by the window's target tokens on every rank, so the update is a per-token mean.
         local_targets = sum(num_target_tokens(b) for b in batches)
-        (global_targets,) = distributed.sum_all([local_targets])
+        # The same all-reduce carries every rank's vote to stop, so all ranks stop at the same step.
+        global_targets, stop_votes = distributed.sum_all([local_targets, stop.vote()])
+        if stop_votes:
+            break
         # Accelerate divides by gradient_accumulation_steps and DDP/DeepSpeed average over ranks: undo both.
         scale = cfg.gradient_accumulation_steps * world_size / global_targets
         # A short last window starts Accelerate's micro-step counter part-way, so that it still syncs.
@@ -132,16 +147,13 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                     grad_norm = clip_gradients(accelerator, model, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_since_log += loss_sum.detach().double()
-            targets_since_log += num_target_tokens(batch)
-            real_tokens_since_log += num_real_tokens(batch)
+            window_log.add(loss_sum, batch)
         scheduler.step()
         step += 1
         progress.update(1)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
-            loss_total, targets, real_tokens = distributed.sum_all(
-                [loss_since_log.item(), targets_since_log, real_tokens_since_log])
+            loss_total, targets, real_tokens = window_log.totals()
             now = time.perf_counter()
             record = {
                 "step": step,
@@ -157,8 +169,7 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if not math.isfinite(record["loss"]):
                 raise RuntimeError(f"loss is {record['loss']} at step {step}; the last checkpoint is left as it was")
-            loss_since_log.zero_()
-            targets_since_log = real_tokens_since_log = 0
+            window_log.reset()
             last_log = now
 
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
@@ -166,8 +177,11 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
             metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **record})
             trackers.log(record, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan), cfg.save_total_limit)
+            checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan, window_log),
+                                       cfg.save_total_limit)
     progress.close()
+    if step < total_steps:  # stopped by a signal
+        stop_after_signal(accelerator, output_dir, trainer_state(step, plan, window_log), cfg, run, stop.received)
 
     # ---- save ------------------------------------------------------------------------------
     record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
@@ -187,6 +201,19 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
+
+
+def stop_after_signal(accelerator, output_dir: Path, state: dict[str, Any], cfg: TrainConfig, run: RunInfo,
+                      signal_name: str | None) -> None:
+    """Save a checkpoint at this step boundary (unless one was just saved), record it, and stop."""
+    step = state["global_step"]
+    path = checkpoint.checkpoint_path(output_dir, step)
+    if step > 0 and not (path / checkpoint.MARKER).is_file():  # not at the start, nor just saved or resumed
+        path = checkpoint.save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
+    reason = signal_name or "a signal to another process"
+    run.update(status="stopped", stopped_at_step=step, stopped_by=reason)
+    saved = f"checkpoint {path}; continue with --resume latest (or auto)" if step > 0 else "nothing to save yet"
+    raise Stopped(f"stopped on {reason} at step {step}; {saved}")
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], family: str, label_smoothing: float) -> torch.Tensor:
@@ -336,8 +363,35 @@ def zero3_init_disabled(accelerator):
         set_hf_deepspeed_config(plugin.dschf)
 
 
-def trainer_state(step: int, plan: BatchPlan) -> dict[str, Any]:
-    return {
+class LogWindow:
+    """Loss and token counts since the last log. The loss sum stays on the device (no host sync per
+    micro-batch); a checkpoint carries the window's totals, so a resumed run logs what an
+    uninterrupted one would."""
+
+    def __init__(self, device: torch.device, saved: list[float] | None = None):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.targets = self.real_tokens = 0
+        if saved and distributed.is_main():  # the saved totals are over all ranks: count them once
+            self.loss += saved[0]
+            self.targets, self.real_tokens = int(saved[1]), int(saved[2])
+
+    def add(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self.loss += loss_sum.detach().double()
+        self.targets += num_target_tokens(batch)
+        self.real_tokens += num_real_tokens(batch)
+
+    def totals(self) -> list[float]:
+        """[loss sum, target tokens, real tokens] over all ranks."""
+        return distributed.sum_all([self.loss.item(), self.targets, self.real_tokens])
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.targets = self.real_tokens = 0
+
+
+def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = None) -> dict[str, Any]:
+    """What a checkpoint records besides the weights: the step, the batch layout it needs, the log window."""
+    layout = {
         "global_step": step,
         "steps_per_epoch": plan.steps_per_epoch,
         "world_size": plan.world_size,
@@ -346,14 +400,15 @@ def trainer_state(step: int, plan: BatchPlan) -> dict[str, Any]:
         "num_examples": plan.num_examples,
         "seed": plan.seed,
     }
+    return layout if window_log is None else {**layout, "log_window": window_log.totals()}
 
 
 def check_resumable(state: dict[str, Any], plan: BatchPlan) -> None:
     """The data order is only the same if the batch layout is; say which setting moved."""
     now = trainer_state(state["global_step"], plan)
-    for key, value in state.items():
-        if now.get(key) != value:
-            raise RecipeError(f"--resume: the checkpoint was made with {key}={value}, this run has {now.get(key)}; "
+    for key, value in now.items():
+        if state.get(key) != value:
+            raise RecipeError(f"--resume: the checkpoint was made with {key}={state.get(key)}, this run has {value}; "
                               "resume with the same recipe and number of processes")
 
 

@@ -1,0 +1,45 @@
+"""Stop cleanly on SIGUSR1 or SIGTERM: finish the current step, save, exit, resume later.
+
+SLURM sends SIGUSR1 some time before a job's limit (`--signal=USR1@SECONDS`) and SIGTERM when it
+preempts or cancels one. The handler only records the signal; the training loop and the generator
+ask `requested()` at their step boundaries, and every rank votes in the all-reduce they already make,
+so all ranks stop at the same step even when the signal reached only some of them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving its progress; running the same command continues it."""
+
+
+class StopSignals:
+    """Record SIGUSR1 and SIGTERM while the block runs; restore the previous handlers after it."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        # Only record: printing here could re-enter a write the signal interrupted.
+        self.received = self.received or signal.Signals(signum).name
+
+    def vote(self) -> int:
+        """This process's vote for stopping, to be summed over ranks with the step's other counts."""
+        return int(self.received is not None)
