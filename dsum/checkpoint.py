@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dsum import distributed, faults
-from dsum.config import RecipeError
+from dsum.config import RecipeError, RunError
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -49,9 +49,30 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
             raise RecipeError(f"--resume latest: no complete checkpoint in {output_dir / CHECKPOINTS}")
         return found[-1]
     path = Path(resume)
+    if not path.is_dir():
+        raise RecipeError(f"--resume {resume}: no such directory")
     if not (path / STATE_FILE).is_file() or not (path / MARKER).is_file():
         raise RecipeError(f"--resume {resume}: not a complete dsum checkpoint (expected {STATE_FILE} and {MARKER})")
     return path
+
+
+def verified(path: Path) -> Path:
+    """The checkpoint, once its state file parses and its safetensors files are whole; else a clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        int(json.loads((path / STATE_FILE).read_text())["global_step"])
+        for weights in path.rglob("*.safetensors"):
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise RecipeError(f"--resume {path}: the checkpoint is damaged ({short(err)}); "
+                          "resume from an earlier one with --resume PATH") from None
+    return path
+
+
+def short(err: Exception) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 def auto_resume(output_dir: Path) -> tuple[str | None, bool]:
@@ -72,19 +93,35 @@ def auto_resume(output_dir: Path) -> tuple[str | None, bool]:
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
-    """Save on every rank into a temporary directory, then complete and rename it on rank 0."""
+    """Save on every rank into a temporary directory, then complete and rename it on rank 0.
+
+    A write error on any rank (a full disk, a lost mount) is agreed on by all of them: the partial
+    directory is removed, the earlier checkpoints stay, and the run stops with `RunError`.
+    """
     final = checkpoint_path(output_dir, state["global_step"])
     tmp = final.with_name(final.name + ".tmp")
+    error = None
+    try:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        accelerator.save_state(str(tmp))
+        faults.point("checkpoint.save", state["global_step"])  # half written: no marker, not renamed
+        torch.save(rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
+        if distributed.is_main():
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    except OSError as err:
+        error = err
+    (failed,) = distributed.sum_all([error is not None])
+    if failed:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = complete_checkpoints(output_dir)
+        why = f"{error.strerror or error}" if error is not None else "a write error on another rank"
+        previous = f"the last complete checkpoint, {kept[-1].name}, is intact" if kept else "no earlier checkpoint"
+        raise RunError(f"could not save the checkpoint of step {state['global_step']} in {tmp.parent}: {why}; {previous}")
     if distributed.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    accelerator.save_state(str(tmp))
-    faults.point("checkpoint.save", state["global_step"])  # half written: no marker, not renamed
-    torch.save(rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
-    distributed.barrier()
-    if distributed.is_main():
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         (tmp / MARKER).write_text("")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -8,7 +8,8 @@
     dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
     dsum demo [--output-dir DIR]
 
-Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2.
+Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2;
+a run that cannot go on (a non-finite loss, a failed save) prints one line and exits 1.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from importlib import resources
 from pathlib import Path
 
 from dsum import distributed
-from dsum.config import RecipeError, load_recipe
+from dsum.config import RecipeError, RunError, load_recipe
 from dsum.preemption import Stopped
 
 EXIT_USAGE = 2
+EXIT_RUN_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except RecipeError as err:
-        print(f"dsum: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(f"dsum: error: {err}", EXIT_USAGE)
+    except RunError as err:  # the run cannot go on; what was saved is kept
+        return report(f"dsum: error: {err}", EXIT_RUN_FAILED)
     except Stopped as stopped:  # SIGUSR1 / SIGTERM: progress is saved, and the same command continues
-        if distributed.is_main():
-            print(f"dsum: {stopped}", file=sys.stderr, flush=True)
-        return 0
+        return report(f"dsum: {stopped}", 0) if distributed.is_main() else 0
+
+
+def report(message: str, status: int) -> int:
+    """Print the one line last, after any progress bar the error cut short."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
+    print(message, file=sys.stderr, flush=True)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,10 @@ class RecipeError(ValueError):
     """A recipe, an override or a data file that cannot be used; the message is one line for people."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a failed save); the message is one line for people."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -134,6 +138,9 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    on_nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN or infinite loss: stop with its step number (the last checkpoint is kept), or "
+                            "skip: drop that optimizer step's update and count it")
     gradient_checkpointing: bool = False
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 42
@@ -183,6 +190,9 @@ class Recipe(Section):
             )
         if self.tokenizer.name_or_path is None and not self.tokenizer.train and self.model.name_or_path is None:
             raise ValueError("a randomly initialised model needs tokenizer.name_or_path or tokenizer.train: true")
+        if "quantization" in self.model_fields_set and self.adapter.method != "qlora":
+            raise ValueError(f"quantization is set but adapter.method is {self.adapter.method!r}; a 4-bit base is "
+                             "frozen, so it needs adapter.method: qlora (or remove the quantization section)")
         if self.adapter.method == "qlora" and self.quantization.compute_dtype == "float16" and family == "seq2seq":
             raise ValueError("quantization.compute_dtype float16 overflows in T5-style models; use bfloat16 or float32")
         return self

@@ -70,6 +70,14 @@ def sum_all(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def min_all(value: float) -> float:
+    """The smallest value over all processes."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
+    if initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor.item()
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's object, in rank order, on every process."""
     if not initialized():

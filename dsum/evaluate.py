@@ -112,6 +112,8 @@ def load_for_eval(recipe: Recipe, checkpoint: Path | None):
 
     from dsum.modeling import BASE_DIR, load_model, load_tokenizer
 
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
     run_dir = Path(recipe.output_dir)
     base = recipe.model.name_or_path or run_dir / BASE_DIR
     if recipe.model.name_or_path is None and not (run_dir / BASE_DIR / "config.json").is_file():
@@ -119,8 +121,6 @@ def load_for_eval(recipe: Recipe, checkpoint: Path | None):
     if checkpoint is None:
         tokenizer = load_tokenizer(recipe, run_dir)
         return load_model(recipe, base, for_training=False), tokenizer
-    if not checkpoint.is_dir():
-        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
     tokenizer = (AutoTokenizer.from_pretrained(checkpoint) if (checkpoint / "tokenizer_config.json").is_file()
                  else load_tokenizer(recipe, run_dir))
     if (checkpoint / "adapter_config.json").is_file():

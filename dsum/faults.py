@@ -2,8 +2,11 @@
 
     DSUM_FAULT=checkpoint.save:kill@4      SIGKILL this process in the middle of saving step 4
     DSUM_FAULT=checkpoint.save:oserror     an OSError (no space left) while saving any checkpoint
+    DSUM_FAULT=train.loss:nan@6            the loss of optimizer step 6 becomes NaN
+    DSUM_FAULT=train.step:kill@7           SIGKILL right after optimizer step 7
+    DSUM_FAULT=generate.batch:kill@3       SIGKILL after the third generation batch is written
 
-A fault names a point in the code, an action (`kill` or `oserror`) and, optionally, the step.
+A fault names a point in the code, an action (`kill`, `oserror` or `nan`) and, optionally, the step.
 """
 
 from __future__ import annotations
@@ -13,20 +16,30 @@ import os
 import signal
 
 ENV = "DSUM_FAULT"
-ACTIONS = ("kill", "oserror")
+ACTIONS = ("kill", "oserror", "nan")
 
 
 def point(name: str, step: int | None = None) -> None:
-    """Trigger the fault the environment names for this point (and step), if any."""
+    """Kill this process, or raise an OSError, if the environment names this point (and step)."""
+    action = armed(name, step)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "oserror":
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {ENV})")
+
+
+def poisoned(value, name: str, step: int):
+    """The value, or NaN times it if the environment names this point and step."""
+    return value * float("nan") if armed(name, step) == "nan" else value
+
+
+def armed(name: str, step: int | None) -> str | None:
+    """The action the environment sets for this point and step, if any."""
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return None
     where, _, rest = spec.partition(":")
     action, _, at = rest.partition("@")
     if action not in ACTIONS:
         raise ValueError(f"{ENV}={spec}: the action must be one of {', '.join(ACTIONS)}")
-    if where != name or (at and step != int(at)):
-        return
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {ENV})")
+    return action if where == name and (not at or step == int(at)) else None

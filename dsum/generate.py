@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from dsum import distributed
+from dsum import distributed, faults
 from dsum.config import Recipe
 from dsum.data import Example
 from dsum.features import Featurizer, pad
@@ -123,6 +123,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
                 sink.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
         if sink is not None:
             sink.flush()
+        faults.point("generate.batch", call + 1)
     if sink is not None:
         sink.close()
     gathered = dict(done)

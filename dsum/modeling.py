@@ -106,7 +106,12 @@ def model_config(recipe: Recipe, tokenizer) -> Any:
                 raise RecipeError(f"model.architecture: {arch}: no such config.json")
             arch = json.loads(path.read_text())
         arch = dict(arch)
-        model_type = arch.pop("model_type")
+        from transformers import CONFIG_MAPPING
+
+        model_type = arch.pop("model_type", None)
+        if model_type not in CONFIG_MAPPING:
+            raise RecipeError(f"model.architecture: unknown model_type {model_type!r}; expected a transformers "
+                              "model type such as t5 or llama")
         try:
             config = AutoConfig.for_model(model_type, **arch)
         except ValueError as err:

@@ -38,7 +38,9 @@ def describe_recipe(recipe: Recipe, world_size: int) -> str:
         config = model_config(recipe, tokenizer)
         lines.append(describe_parameters(meta_model(recipe, config)))
     except RecipeError as err:
-        lines.append(f"parameters and example: not available here ({err})")
+        if recipe.model.name_or_path is None:  # built here from the recipe: the recipe is wrong
+            raise
+        lines.append(f"parameters and example: not available here ({err})")  # a Hub model, offline
         return "\n".join(lines)
     lines += ["", "# one training example (the loss is taken on the [loss] part only)"]
     lines += render_example(recipe, tokenizer, examples[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dsum.config import Recipe, RecipeError, recipe_to_dict
+from dsum.config import Recipe, RecipeError
 from dsum.run_info import RUN_FILE, SLURM_DIR, read_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,7 @@ class SubmitOptions:
 def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | None:
     """Print the script (dry run) or write it and submit it; returns the job id."""
     check_options(options)
+    check_recipe_fits(recipe, accelerate_config(options))
     output_dir = Path(recipe.output_dir).resolve()
     if options.job == "train" and read_status(output_dir / RUN_FILE) == "finished":
         raise RecipeError(f"output_dir {output_dir} already holds a finished run; choose another output_dir")
@@ -62,7 +63,7 @@ def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | No
     if sbatch is None:
         raise RecipeError("sbatch is not on PATH: submit from a SLURM login node, or pass --dry-run to print the script")
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    (slurm_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    (slurm_dir / "recipe.yaml").write_text(yaml.safe_dump(frozen(recipe), sort_keys=False))
     path = slurm_dir / f"{options.job}.sbatch"
     path.write_text(script)
     done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True, check=False)
@@ -73,6 +74,11 @@ def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | No
           f"  script: {path}\n  log:    {slurm_dir / f'dsum-{options.job}-{job_id}.out'}\n"
           f"  ranks:  {slurm_dir / f'job-{job_id}-run-0'}/ (one directory per requeue)")
     return job_id
+
+
+def frozen(recipe: Recipe) -> dict:
+    """The recipe as given, overrides applied: every value that was set, and no default written out."""
+    return recipe.model_dump(mode="json", exclude_unset=True)
 
 
 def check_options(o: SubmitOptions) -> None:
@@ -111,6 +117,16 @@ def accelerate_config(o: SubmitOptions) -> Path:
 
 def uses_deepspeed(config: Path) -> bool:
     return (yaml.safe_load(config.read_text()) or {}).get("distributed_type") == "DEEPSPEED"
+
+
+def check_recipe_fits(recipe: Recipe, config: Path) -> None:
+    """What training would refuse at start-up under this config, refused before the job waits in a queue."""
+    from dsum.train import check_deepspeed, check_zero_stage
+
+    settings = yaml.safe_load(config.read_text()) or {}
+    if settings.get("distributed_type") == "DEEPSPEED":
+        check_zero_stage(recipe, int(settings.get("deepspeed_config", {}).get("zero_stage", 0)))
+        check_deepspeed(recipe)
 
 
 def processes_per_node(o: SubmitOptions) -> int:

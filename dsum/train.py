@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dsum import checkpoint, distributed
+from dsum import checkpoint, distributed, faults
 from dsum.batching import BatchPlan
-from dsum.config import Recipe, RecipeError, TrainConfig
+from dsum.config import Recipe, RecipeError, RunError, TrainConfig
 from dsum.data import Example, load_split
 from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_real_tokens, num_target_tokens
 from dsum.preemption import StopSignals, Stopped
@@ -62,15 +62,17 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     )
     check_launch(accelerator, recipe)
     rank, world_size = distributed.rank(), distributed.world_size()
+    # Everything the user named is read and checked before anything is written.
+    train_examples = load_split(recipe.data, recipe.data.train_split)
+    val_examples = load_split(recipe.data, recipe.data.validation_split)
+    resume_from = checkpoint.verified(checkpoint.resolve_resume(output_dir, resume)) if resume is not None else None
     if resume is None:
         ensure_fresh_output_dir(output_dir, overwrite)
     run = RunInfo(output_dir, recipe, accelerator, world_size)
-    run.start(resumed_from=resume, **run_tags)
+    run.start(resumed_from=str(resume_from) if resume_from else None, **run_tags)
     set_seed(cfg.seed)
 
-    # ---- data, tokenizer, features ---------------------------------------------------------
-    train_examples = load_split(recipe.data, recipe.data.train_split)
-    val_examples = load_split(recipe.data, recipe.data.validation_split)
+    # ---- tokenizer, features ---------------------------------------------------------------
     with distributed.main_first():
         tokenizer = load_tokenizer(recipe, output_dir, corpus=lambda: corpus(train_examples))
     featurizer = Featurizer(recipe, tokenizer)
@@ -101,13 +103,12 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     # ---- resume ----------------------------------------------------------------------------
     step, state = 0, {}
-    if resume is not None:
-        path = checkpoint.resolve_resume(output_dir, resume)
-        state = checkpoint.load_checkpoint(accelerator, path)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume_from)
         check_resumable(state, plan)
         step = state["global_step"]
         if distributed.is_main():
-            print(f"resumed from {path} at step {step}", flush=True)
+            print(f"resumed from {resume_from} at step {step}", flush=True)
 
     metrics = MetricsLog(output_dir, keep_through_step=step)
     run.update(total_steps=total_steps, global_batch_size=plan.global_batch_size, steps_per_epoch=plan.steps_per_epoch,
@@ -121,6 +122,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
     model.train()
     window_log = LogWindow(accelerator.device, state.get("log_window") if resume is not None else None)
+    guard = NonFiniteGuard(cfg.on_nonfinite_loss, accelerator.device, state.get("skipped_steps", 0))
     started = last_log = time.perf_counter()
     while step < total_steps:
         epoch, index = divmod(step, plan.steps_per_epoch)
@@ -137,20 +139,28 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         scale = cfg.gradient_accumulation_steps * world_size / global_targets
         # A short last window starts Accelerate's micro-step counter part-way, so that it still syncs.
         accelerator.step = cfg.gradient_accumulation_steps - len(batches)
-        grad_norm = None
+        grad_norm, skip = None, False
+        window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                loss_sum = token_loss_sum(model, batch, recipe.model.family, cfg.label_smoothing)
+                loss_sum = faults.poisoned(token_loss_sum(model, batch, recipe.model.family, cfg.label_smoothing),
+                                           "train.loss", step + 1)
                 accelerator.backward(loss_sum * scale)
+                window_loss += loss_sum.detach().double()
                 if accelerator.sync_gradients:
-                    grad_norm = clip_gradients(accelerator, model, cfg.max_grad_norm)
-                optimizer.step()
+                    skip = guard.skips(window_loss)
+                    grad_norm = None if skip else clip_gradients(accelerator, model, cfg.max_grad_norm)
+                if not skip:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_log.add(loss_sum, batch)
         scheduler.step()
         step += 1
         progress.update(1)
+        faults.point("train.step", step)
+        guard.note(window_loss, step)
+        if not skip:
+            window_log.add(window_loss, batches)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
             loss_total, targets, real_tokens = window_log.totals()
@@ -164,11 +174,13 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 "tokens_per_second": real_tokens / (now - last_log),
                 "elapsed_seconds": now - started,
             }
+            if guard.skipped:
+                record["skipped_steps"] = guard.skipped
             metrics.write(record)
             trackers.log(record, step)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if not math.isfinite(record["loss"]):
-                raise RuntimeError(f"loss is {record['loss']} at step {step}; the last checkpoint is left as it was")
+                guard.check(run)
             window_log.reset()
             last_log = now
 
@@ -177,11 +189,14 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **record})
             trackers.log(record, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan, window_log),
+            guard.check(run)  # never save weights a non-finite loss has reached
+            checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped),
                                        cfg.save_total_limit)
     progress.close()
+    guard.check(run)
     if step < total_steps:  # stopped by a signal
-        stop_after_signal(accelerator, output_dir, trainer_state(step, plan, window_log), cfg, run, stop.received)
+        stop_after_signal(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped), cfg, run,
+                          stop.received)
 
     # ---- save ------------------------------------------------------------------------------
     record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
@@ -193,7 +208,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
         evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir / "eval",
                  accelerator=accelerator)
-    run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"])
+    run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
+               skipped_steps=guard.skipped)
     trackers.finish()
     accelerator.end_training()
     return final
@@ -307,7 +323,7 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
 
 def check_launch(accelerator, recipe: Recipe) -> None:
     """Accelerate must see every launched process, gradient accumulation comes from the recipe alone,
-    and ZeRO-3 can only shard 4-bit weights stored in the dtype of the rest of the model."""
+    and the ZeRO stage must suit the recipe."""
     cfg = recipe.train
     if accelerator.num_processes != distributed.world_size():
         raise RecipeError(
@@ -327,12 +343,24 @@ def check_launch(accelerator, recipe: Recipe) -> None:
                 f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps} but the DeepSpeed config sets "
                 f"{configured}; set it to auto there"
             )
-        storage = recipe.quantization.storage_dtype
-        if plugin.zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
-            raise RecipeError(
-                f"quantization.storage_dtype is {storage} but ZeRO-3 needs it to equal model.dtype ({recipe.model.dtype}) "
-                "to shard the 4-bit weights; set quantization.storage_dtype to the model dtype"
-            )
+        check_zero_stage(recipe, plugin.zero_stage)
+        check_deepspeed(recipe)
+
+
+def check_deepspeed(recipe: Recipe) -> None:
+    if recipe.train.on_nonfinite_loss == "skip":
+        raise RecipeError("train.on_nonfinite_loss is skip, but DeepSpeed applies the update inside backward, "
+                          "before a step can be skipped; use stop under DeepSpeed")
+
+
+def check_zero_stage(recipe: Recipe, zero_stage: int) -> None:
+    """ZeRO-3 can only shard 4-bit weights stored in the dtype of the rest of the model."""
+    storage = recipe.quantization.storage_dtype
+    if zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
+        raise RecipeError(
+            f"quantization.storage_dtype is {storage} but ZeRO-3 needs it to equal model.dtype ({recipe.model.dtype}) "
+            "to shard the 4-bit weights; set quantization.storage_dtype to the model dtype"
+        )
 
 
 def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
@@ -375,10 +403,10 @@ class LogWindow:
             self.loss += saved[0]
             self.targets, self.real_tokens = int(saved[1]), int(saved[2])
 
-    def add(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        self.loss += loss_sum.detach().double()
-        self.targets += num_target_tokens(batch)
-        self.real_tokens += num_real_tokens(batch)
+    def add(self, window_loss: torch.Tensor, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.loss += window_loss
+        self.targets += sum(num_target_tokens(b) for b in batches)
+        self.real_tokens += sum(num_real_tokens(b) for b in batches)
 
     def totals(self) -> list[float]:
         """[loss sum, target tokens, real tokens] over all ranks."""
@@ -389,7 +417,43 @@ class LogWindow:
         self.targets = self.real_tokens = 0
 
 
-def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = None) -> dict[str, Any]:
+class NonFiniteGuard:
+    """A NaN or infinite loss. `stop`: the first such step is noted on the device (no sync per step), and
+    `check()`, before every save and whenever a logged loss is not finite, stops the run with it.
+    `skip`: the ranks agree at every optimizer step (one sync) and drop the update of a bad one."""
+
+    def __init__(self, mode: str, device: torch.device, skipped: int = 0):
+        self.mode = mode
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.skipped = skipped
+
+    def skips(self, window_loss: torch.Tensor) -> bool:
+        """At the last micro-batch of a window: drop its update? Only in skip mode, where it costs a sync."""
+        if self.mode != "skip":
+            return False
+        (bad_ranks,) = distributed.sum_all([float(not torch.isfinite(window_loss).item())])
+        self.skipped += bool(bad_ranks)
+        return bool(bad_ranks)
+
+    def note(self, window_loss: torch.Tensor, step: int) -> None:
+        if self.mode == "stop":
+            bad = (self.first_bad < 0) & ~torch.isfinite(window_loss)
+            self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, run: RunInfo) -> None:
+        """Stop with the first step whose loss was not finite, on any rank."""
+        if self.mode != "stop":
+            return
+        local = int(self.first_bad.item())
+        first = distributed.min_all(local if local >= 0 else math.inf)
+        if math.isfinite(first):
+            run.update(status="failed", failed_at_step=int(first), failure="non-finite loss")
+            raise RunError(f"the loss was not finite at step {int(first)}; training stopped, and the last "
+                           "checkpoint before it is kept; lower train.learning_rate, or set "
+                           "train.on_nonfinite_loss=skip to skip such steps")
+
+
+def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = None, skipped: int = 0) -> dict[str, Any]:
     """What a checkpoint records besides the weights: the step, the batch layout it needs, the log window."""
     layout = {
         "global_step": step,
@@ -400,7 +464,9 @@ def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = Non
         "num_examples": plan.num_examples,
         "seed": plan.seed,
     }
-    return layout if window_log is None else {**layout, "log_window": window_log.totals()}
+    if window_log is None:
+        return layout
+    return {**layout, "log_window": window_log.totals(), "skipped_steps": skipped}
 
 
 def check_resumable(state: dict[str, Any], plan: BatchPlan) -> None:

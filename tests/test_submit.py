@@ -91,9 +91,11 @@ def test_without_sbatch_on_path_nothing_is_written(tmp_path):
 def test_the_frozen_recipe_loads_back_as_the_same_recipe(tmp_path):
     import yaml
 
-    from dsum.config import load_recipe, recipe_to_dict
+    from dsum.config import load_recipe
+    from dsum.submit import frozen
 
-    recipe = load_recipe(RECIPE, ["train.learning_rate=0.003", f"output_dir={tmp_path}"])
-    frozen = tmp_path / "recipe.yaml"
-    frozen.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    assert load_recipe(frozen) == recipe
+    for path in (RECIPE, ROOT / "recipes" / "tiny" / "t5-qlora.yaml", ROOT / "recipes" / "llama-2-7b" / "qlora.yaml"):
+        recipe = load_recipe(path, ["train.learning_rate=0.003", f"output_dir={tmp_path}"])
+        saved = tmp_path / "recipe.yaml"
+        saved.write_text(yaml.safe_dump(frozen(recipe), sort_keys=False))
+        assert load_recipe(saved) == recipe

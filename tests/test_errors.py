@@ -1,0 +1,194 @@
+"""The catalogue of bad input: each case exits with status 2, prints one line on stderr that names the
+field, file or value and what was expected, shows no traceback, and writes or changes no file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from dsum.cli import main
+
+TINY = (ROOT / "recipes" / "tiny" / "t5-lora.yaml").read_text()
+SMALL = ["data.synthetic.train_size=16", "data.synthetic.validation_size=4", "data.synthetic.test_size=4",
+         "tokenizer.vocab_size=300", "train.max_steps=1"]
+
+
+def row(i, dialogue="#Person1#: Hi.\n#Person2#: Hello.", summary="They greet."):
+    return json.dumps({"id": str(i), "dialogue": dialogue, "summary": summary}) + "\n"
+
+
+def good_split(n: int = 6) -> str:
+    return "".join(row(i, f"#Person1#: Hello {i}.\n#Person2#: Hi {i}.", f"Greeting {i}.") for i in range(n))
+
+
+def data_dir(ws: Path, files: dict[str, str | bytes]) -> str:
+    """A directory of split files; the train, validation and test splits are good unless `files` says otherwise."""
+    d = ws / "data"
+    d.mkdir(exist_ok=True)
+    for name, content in {"train.jsonl": good_split(), "validation.jsonl": good_split(3),
+                          "test.jsonl": good_split(3), **files}.items():
+        if content is None:
+            continue
+        (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return f"data.source={d}"
+
+
+def finished_run(ws: Path) -> str:
+    run = ws / "finished"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "adapter_model.safetensors").write_bytes(b"weights")
+    (run / "run.json").write_text(json.dumps({"status": "finished"}))
+    return str(run)
+
+
+def stopped_run_with(ws: Path, checkpoint_files: dict[str, str | bytes]) -> str:
+    run = ws / "stopped"
+    step = run / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "stopped"}))
+    for name, content in checkpoint_files.items():
+        (step / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(run)
+
+
+def predictions(ws: Path, rows: list[dict], name: str = "predictions.jsonl") -> str:
+    path = ws / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def recipe_file(ws: Path, text: str) -> str:
+    path = ws / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# Each case: (id, function of the workspace giving the arguments, what the one line must say).
+CASES = [
+    # The recipe file itself.
+    ("malformed-yaml", lambda ws: ["validate", recipe_file(ws, "model: [unclosed\n")], "malformed YAML at line"),
+    ("empty-recipe", lambda ws: ["validate", recipe_file(ws, "")], "the file is empty; expected a mapping"),
+    ("recipe-is-a-list", lambda ws: ["validate", recipe_file(ws, "- model\n- train\n")],
+     "expected a mapping of sections (model, train, ...), found a list"),
+    ("unknown-key", lambda ws: ["validate", recipe_file(ws, TINY + "trainer:\n  seed: 1\n")],
+     "unknown key 'trainer' (did you mean train?)"),
+    ("wrong-type", lambda ws: ["validate", recipe_file(ws, TINY.replace("learning_rate: ", "learning_rate: fast #"))],
+     "train.learning_rate: got 'fast'"),
+    ("missing-recipe", lambda ws: ["train", str(ws / "nope.yaml")], "nope.yaml: no such file"),
+    # Overrides.
+    ("unknown-override", lambda ws: ["validate", recipe_file(ws, TINY), "train.lerning_rate=1"],
+     "unknown key 'lerning_rate' (did you mean train.learning_rate?)"),
+    ("override-does-not-parse", lambda ws: ["validate", recipe_file(ws, TINY), "train.max_steps=[1"],
+     "override 'train.max_steps': cannot parse value '[1'"),
+    ("override-without-value", lambda ws: ["validate", recipe_file(ws, TINY), "train.per_device_batch_size="],
+     "train.per_device_batch_size: got None"),
+    # Values out of range.
+    ("learning-rate-zero", lambda ws: ["validate", recipe_file(ws, TINY), "train.learning_rate=0"],
+     "train.learning_rate: got 0; input should be greater than 0"),
+    ("lora-r-zero", lambda ws: ["validate", recipe_file(ws, TINY), "adapter.r=0"], "adapter.r: got 0"),
+    ("batch-size-zero", lambda ws: ["validate", recipe_file(ws, TINY), "train.per_device_batch_size=0"],
+     "train.per_device_batch_size: got 0"),
+    ("dropout-one", lambda ws: ["validate", recipe_file(ws, TINY), "adapter.dropout=1.0"], "adapter.dropout: got 1.0"),
+    ("max-new-tokens-zero", lambda ws: ["validate", recipe_file(ws, TINY), "eval.max_new_tokens=0"],
+     "eval.max_new_tokens: got 0"),
+    ("negative-warmup", lambda ws: ["validate", recipe_file(ws, TINY), "train.warmup_steps=-5"],
+     "train.warmup_steps: got -5"),
+    ("top-p-above-one", lambda ws: ["validate", recipe_file(ws, TINY), "eval.top_p=1.5"], "eval.top_p: got 1.5"),
+    # Settings that do not go together.
+    ("quantized-full-fine-tuning", lambda ws: ["validate", recipe_file(ws, TINY), "adapter.method=none",
+                                               "quantization.quant_type=nf4"],
+     "quantization is set but adapter.method is 'none'"),
+    ("fp16-with-t5", lambda ws: ["validate", recipe_file(ws, TINY), "train.mixed_precision=fp16"],
+     "fp16 overflows in T5"),
+    ("template-of-the-other-family", lambda ws: ["validate", recipe_file(ws, TINY), "prompt.template=llama2"],
+     "prompt.template 'llama2' is for causal models, but model.family is 'seq2seq'"),
+    ("zero3-qlora-storage", lambda ws: ["submit", str(ROOT / "recipes" / "tiny" / "t5-qlora.yaml"), "--nodes", "1",
+                                        "--gpus-per-node", "8", "--accelerate", "zero3", "--dry-run"],
+     "quantization.storage_dtype is uint8 but ZeRO-3 needs it to equal model.dtype (float32)"),
+    ("arbitrary-python-as-architecture", lambda ws: ["validate", recipe_file(ws, TINY), "model.architecture={model_type: os.system}"],
+     "model.architecture: unknown model_type 'os.system'"),
+    # Data.
+    ("missing-data-directory", lambda ws: ["validate", recipe_file(ws, TINY), f"data.source={ws / 'nowhere'}"],
+     "no such directory"),
+    ("missing-split", lambda ws: ["train", recipe_file(ws, TINY), data_dir(ws, {"validation.jsonl": None})],
+     "split 'validation' in"),
+    ("missing-field", lambda ws: ["validate", recipe_file(ws, TINY), data_dir(ws, {}), "data.summary_fields=[abstract]"],
+     "no column 'abstract' (data.summary_fields)"),
+    ("empty-file", lambda ws: ["validate", recipe_file(ws, TINY), data_dir(ws, {"train.jsonl": ""})],
+     "the split is empty"),
+    ("only-empty-dialogues", lambda ws: ["validate", recipe_file(ws, TINY),
+                                         data_dir(ws, {"train.jsonl": row(1, dialogue="") + row(2, dialogue=" ")})],
+     "no usable rows (2 row(s), 2 with an empty"),
+    ("not-utf8", lambda ws: ["validate", recipe_file(ws, TINY), data_dir(ws, {"train.jsonl": b"\xff\xfe{}\n"})],
+     "not UTF-8"),
+    ("ragged-csv", lambda ws: ["validate", recipe_file(ws, TINY),
+                               data_dir(ws, {"train.jsonl": None,
+                                             "train.csv": "id,dialogue,summary\n1,a,b\n2,c,d,e\n"})],
+     "line 3: 4 fields but the header has 3"),
+    ("invalid-json-line", lambda ws: ["validate", recipe_file(ws, TINY),
+                                      data_dir(ws, {"train.jsonl": good_split(2) + "{not json\n"})],
+     "line 3: not valid JSON"),
+    ("duplicate-ids", lambda ws: ["validate", recipe_file(ws, TINY),
+                                  data_dir(ws, {"train.jsonl": row("x", "#Person1#: A.") + row("x", "#Person1#: B.")})],
+     "id 'x' is used by two different dialogues"),
+    # dsum score.
+    ("score-fewer-predictions", lambda ws: ["score", "--predictions", predictions(ws, [{"prediction": "a"}]),
+                                            "--references", predictions(ws, [{"summary": "a"}, {"summary": "b"}],
+                                                                        "references.jsonl")],
+     "1 predictions for 2 references"),
+    ("score-missing-column", lambda ws: ["score", "--predictions", predictions(ws, [{"text": "a", "summary": "a"}])],
+     "no column 'prediction' (--prediction-field)"),
+    # Runs, checkpoints, launch.
+    ("finished-output-dir", lambda ws: ["train", recipe_file(ws, TINY), f"output_dir={finished_run(ws)}"],
+     "already holds a finished run; pass --overwrite to replace it"),
+    ("resume-from-a-non-checkpoint", lambda ws: ["train", recipe_file(ws, TINY), "--resume", str(ws)],
+     "not a complete dsum checkpoint (expected trainer_state.json and COMPLETE)"),
+    ("corrupt-checkpoint", lambda ws: ["train", recipe_file(ws, TINY), "--resume", "latest",
+                                       "output_dir=" + stopped_run_with(ws, {"trainer_state.json": '{"global_step": 4',
+                                                                             "COMPLETE": ""})],
+     "checkpoint is damaged"),
+    ("eval-checkpoint-missing", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint", str(ws / "nothing")],
+     "no such directory"),
+    ("unknown-accelerate-config", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1",
+                                              "--accelerate", "zero9", "--dry-run"],
+     "--accelerate zero9: no such config; expected one of"),
+    ("submit-without-sbatch", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1"],
+     "sbatch is not on PATH"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("make_args", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_in_one_line(tmp_path, monkeypatch, capsys, make_args, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", os.path.dirname(shutil.which("python3") or "/usr/bin"))  # no sbatch here
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    args = make_args(ws)
+    if args[0] in ("train", "validate", "eval", "submit") and not any(a.startswith("output_dir=") for a in args):
+        args.append(f"output_dir={ws / 'run'}")
+    if args[0] in ("train", "validate"):
+        args += SMALL
+    before = snapshot(ws)
+    status = main(args)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsum: error: "), err
+    assert expected in lines[0], err
+    assert "Traceback" not in err
+    assert snapshot(ws) == before, "a file was changed or written"
+
+
+def test_the_catalogue_is_long_enough():
+    assert len(CASES) >= 30

@@ -1,0 +1,120 @@
+"""Faults on the CPU, injected with DSUM_FAULT: a kill mid-training or mid-evaluation, a write error
+while saving, and a non-finite loss. Nothing saved is lost, and a rerun ends where an uninterrupted
+run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny
+from dsum.config import RunError
+from dsum.train import train
+
+RECIPE = str(ROOT / "recipes" / "tiny" / "t5-lora.yaml")
+SETTINGS = ["data.synthetic.train_size=64", "data.synthetic.validation_size=8", "data.synthetic.test_size=24",
+            "eval.after_training=false", "tokenizer.vocab_size=400", "train.per_device_batch_size=2",
+            "train.max_steps=12", "train.save_steps=4", "train.save_total_limit=3", "train.logging_steps=1",
+            "train.lr_scheduler=linear", "train.warmup_steps=2", "adapter.dropout=0.2", "train.trackers=[]",
+            "eval.batch_size=2", "eval.max_new_tokens=12"]
+
+
+def recipe(run: Path):
+    from dsum.config import load_recipe
+
+    return load_recipe(RECIPE, [*SETTINGS, f"output_dir={run}"])
+
+
+def dsum(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"DSUM_FAULT": fault} if fault else {})}
+    return subprocess.run([sys.executable, "-m", "dsum", *args], capture_output=True, text=True, timeout=300,
+                          check=False, env=env)
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    done = dsum("train", RECIPE, *SETTINGS, f"output_dir={out}", "eval.after_training=true")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_kill_9_mid_training_then_resume_latest_gives_the_same_weights(straight, tmp_path):
+    run = tmp_path / "run"
+    killed = dsum("train", RECIPE, *SETTINGS, f"output_dir={run}", fault="train.step:kill@7")
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
+    train(recipe(run), resume="latest")
+    assert losses(run) == pytest.approx(losses(straight), abs=1e-6)
+    a, b = weights(run), weights(straight)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_write_error_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    done = dsum("train", RECIPE, *SETTINGS, f"output_dir={run}", fault="checkpoint.save:oserror@8")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (f"dsum: error: could not save the checkpoint of step 8 in {run / 'checkpoints'}: No space left "
+                    "on device (injected by DSUM_FAULT); the last complete checkpoint, step-00000004, is intact")
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
+    before = (run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text()
+    assert json.loads(before)["global_step"] == 4
+    train(recipe(run), resume="latest")
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_kill_mid_evaluation_resumes_without_regenerating(straight, tmp_path):
+    args = ["eval", RECIPE, *SETTINGS, f"output_dir={straight}", "--checkpoint", str(straight / "final")]
+    out = tmp_path / "eval"
+    killed = dsum(*args, "--output-dir", str(out), fault="generate.batch:kill@5")
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "partial" / "rank-0.jsonl").read_text().count("\n") == 10  # 5 batches of 2
+    again = dsum(*args, "--output-dir", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "generate: 100%|██████████| 7/7" in again.stderr  # 7 batches for the 14 dialogues left, not 12
+    # The same predictions as the evaluation at the end of the uninterrupted run.
+    assert (out / "predictions.jsonl").read_text() == (straight / "eval" / "predictions.jsonl").read_text()
+
+
+def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSUM_FAULT", "train.loss:nan@6")
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=r"the loss was not finite at step 6; training stopped"):
+        train(tiny("t5-lora", run, "train.max_steps=12", "train.save_steps=4", "train.logging_steps=5"))
+    # The loss went bad at step 6: the save at step 8 did not happen, step 4's checkpoint is there.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and info["failed_at_step"] == 6
+
+
+def test_skip_drops_the_update_of_a_non_finite_step_and_counts_it(tmp_path, monkeypatch):
+    settings = ["train.max_steps=8", "train.on_nonfinite_loss=skip", "train.logging_steps=1"]
+    clean = train(tiny("t5-lora", tmp_path / "clean", *settings)).parent
+    monkeypatch.setenv("DSUM_FAULT", "train.loss:nan@3")
+    run = train(tiny("t5-lora", tmp_path / "run", *settings)).parent
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert [r.get("skipped_steps", 0) for r in rows if "loss" in r][:4] == [0, 0, 1, 1]
+    assert json.loads((run / "run.json").read_text())["skipped_steps"] == 1
+    final = weights(run)
+    assert all(torch.isfinite(t).all() for t in final.values())
+    # Steps 1-2 trained alike; step 3's update was dropped, so the runs part there.
+    assert losses(run)[:2] == pytest.approx(losses(clean)[:2], abs=1e-9)
+    assert not any(torch.allclose(final[k], weights(clean)[k]) for k in final if "lora_B" in k)
