@@ -6,6 +6,11 @@ micro-batch is `per_device_batch_size * world_size` consecutive examples of the 
 r takes every world_size-th of them starting at r, so one rank with a batch of 2B sees exactly the
 examples that two ranks with B each see together. An optimizer step is a window of up to
 `gradient_accumulation_steps` micro-batches; the epoch's last window may be shorter.
+
+With `lengths` (train.group_by_length), the shuffled order is cut into mega-batches of
+`MEGA_BATCH` optimizer steps; each is sorted by length, cut into steps, and its steps shuffled. A
+batch then holds examples of similar length (little padding) while the order of steps stays random.
+Mega-batches are measured in global batches, so the layouts that train alike still do.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+MEGA_BATCH = 50  # optimizer steps per length-sorted group
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class BatchPlan:
     rank: int
     seed: int
     shuffle: bool = True
+    lengths: tuple[int, ...] | None = None  # per example: group batches by length
 
     @property
     def global_batch_size(self) -> int:
@@ -48,10 +56,23 @@ class BatchPlan:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_examples, generator=generator).tolist()
+            if self.lengths is not None:
+                order = self.grouped_by_length(order, generator)
         else:
             order = list(range(self.num_examples))
         short = -len(order) % self.world_size
         return order + order[:short]  # repeat a few so that every rank has equal work
+
+    def grouped_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
+        step = self.global_batch_size
+        grouped: list[int] = []
+        for start in range(0, len(order), step * MEGA_BATCH):
+            mega = sorted(order[start : start + step * MEGA_BATCH], key=lambda i: -self.lengths[i])
+            steps = [mega[i : i + step] for i in range(0, len(mega), step)]
+            whole = len(mega) // step  # a short last step stays last, where the epoch's short window is
+            for j in [*torch.randperm(whole, generator=generator).tolist(), *range(whole, len(steps))]:
+                grouped += steps[j]
+        return grouped
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches for one epoch, as example indices."""

@@ -135,6 +135,8 @@ class TrainConfig(Section):
     num_epochs: float = Field(1.0, gt=0.0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides num_epochs")
     per_device_batch_size: int = Field(8, gt=0)
+    group_by_length: bool = Field(False, description="batches of similar length (less padding); the order of "
+                                                     "optimizer steps stays random")
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

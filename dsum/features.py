@@ -154,6 +154,14 @@ def num_target_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
+def num_processed_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Token positions the model computes, padding included (the denominator of padding efficiency)."""
+    processed = batch["input_ids"].numel()
+    if "decoder_input_ids" in batch:
+        processed += batch["decoder_input_ids"].numel()
+    return processed
+
+
 def num_real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding tokens processed: encoder and decoder tokens for seq2seq, the one row for causal."""
     real = int(batch["attention_mask"].sum())

@@ -24,7 +24,8 @@ from dsum import checkpoint, distributed, faults
 from dsum.batching import BatchPlan
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig
 from dsum.data import Example, load_split
-from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_real_tokens, num_target_tokens
+from dsum.features import (IGNORE_INDEX, Collator, Featurizer, num_processed_tokens, num_real_tokens,
+                           num_target_tokens)
 from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
@@ -93,8 +94,9 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     model = load_model(recipe, source)
     if distributed.is_main():
         print(describe_parameters(model), flush=True)
+    lengths = tuple(len(f.input_ids) + len(f.labels) for f in train_features) if cfg.group_by_length else None
     plan = BatchPlan(len(train_features), cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
-                     world_size, rank, cfg.seed)
+                     world_size, rank, cfg.seed, lengths=lengths)
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
@@ -163,7 +165,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             window_log.add(window_loss, batches)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
-            loss_total, targets, real_tokens = window_log.totals()
+            loss_total, targets, real_tokens, processed = window_log.totals()
             now = time.perf_counter()
             record = {
                 "step": step,
@@ -172,6 +174,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_second": real_tokens / (now - last_log),
+                "padding_efficiency": real_tokens / max(processed, 1),
                 "elapsed_seconds": now - started,
             }
             if guard.skipped:
@@ -398,23 +401,25 @@ class LogWindow:
 
     def __init__(self, device: torch.device, saved: list[float] | None = None):
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.targets = self.real_tokens = 0
+        self.targets = self.real_tokens = self.processed = 0
         if saved and distributed.is_main():  # the saved totals are over all ranks: count them once
             self.loss += saved[0]
             self.targets, self.real_tokens = int(saved[1]), int(saved[2])
+            self.processed = int(saved[3]) if len(saved) > 3 else 0
 
     def add(self, window_loss: torch.Tensor, batches: list[dict[str, torch.Tensor]]) -> None:
         self.loss += window_loss
         self.targets += sum(num_target_tokens(b) for b in batches)
         self.real_tokens += sum(num_real_tokens(b) for b in batches)
+        self.processed += sum(num_processed_tokens(b) for b in batches)
 
     def totals(self) -> list[float]:
-        """[loss sum, target tokens, real tokens] over all ranks."""
-        return distributed.sum_all([self.loss.item(), self.targets, self.real_tokens])
+        """[loss sum, target tokens, real tokens, processed tokens (padding included)] over all ranks."""
+        return distributed.sum_all([self.loss.item(), self.targets, self.real_tokens, self.processed])
 
     def reset(self) -> None:
         self.loss.zero_()
-        self.targets = self.real_tokens = 0
+        self.targets = self.real_tokens = self.processed = 0
 
 
 class NonFiniteGuard:

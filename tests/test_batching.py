@@ -46,3 +46,42 @@ def test_total_steps(epochs, max_steps, expected):
     p = plan()  # 37 examples, 19 micro-batches of 2, windows of 3 -> 7 steps an epoch
     assert p.steps_per_epoch == 7
     assert p.total_steps(epochs, max_steps) == expected
+
+
+LENGTHS = tuple((i * 7919) % 500 + 10 for i in range(3000))  # lengths in no order
+
+
+def grouped(n=3000, bs=4, ga=2, world=1, rank=0, seed=5):
+    return BatchPlan(n, bs, ga, world, rank, seed, lengths=LENGTHS[:n])
+
+
+def padding(windows) -> float:
+    """Padded positions over all, with every micro-batch padded to its longest example."""
+    total = real = 0
+    for window in windows:
+        for mb in window:
+            total += max(LENGTHS[i] for i in mb) * len(mb)
+            real += sum(LENGTHS[i] for i in mb)
+    return 1 - real / total
+
+
+def test_grouping_by_length_cuts_padding_and_keeps_the_order_of_steps_random():
+    plain = BatchPlan(3000, 4, 2, 1, 0, 5)
+    assert padding(grouped().windows(0)) < 0.05 < 0.3 < padding(plain.windows(0))
+    order = grouped().epoch_order(0)
+    assert sorted(order) == list(range(3000))  # every example once
+    assert order == grouped().epoch_order(0) and order != grouped().epoch_order(1)
+    # The longest step is not always first: steps are shuffled inside each length-sorted group.
+    step_max = [max(LENGTHS[i] for mb in w for i in mb) for w in grouped().windows(0)]
+    assert step_max != sorted(step_max, reverse=True)
+    assert step_max[:50] != sorted(step_max[:50], reverse=True)
+
+
+def test_grouped_layouts_still_see_the_same_examples():
+    windows = grouped(n=1000, bs=2, ga=4).windows(1)
+    large = grouped(n=1000, bs=8, ga=1).micro_batches(1)
+    assert [[i for mb in w for i in mb] for w in windows] == large
+    ranks = [grouped(n=1000, bs=2, ga=2, world=2, rank=r).windows(1) for r in range(2)]
+    single = grouped(n=1000, bs=4, ga=2).windows(1)
+    for k, window in enumerate(single):
+        assert sorted(i for mb in window for i in mb) == sorted(i for r in range(2) for mb in ranks[r][k] for i in mb)

@@ -162,3 +162,17 @@ def test_accumulation_set_by_the_launcher_is_refused(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="train.gradient_accumulation_steps is 1 but the Accelerate launch sets 2"):
         train(tiny("t5-full", tmp_path / "run", "train.max_steps=1"))
     assert not (tmp_path / "run").exists()
+
+
+def test_grouping_by_length_raises_the_logged_padding_efficiency(tmp_path):
+    def efficiency(run: Path) -> float:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        values = [r["padding_efficiency"] for r in rows if "padding_efficiency" in r]
+        assert values and all(0 < v <= 1 for v in values)
+        return sum(values) / len(values)
+
+    common = ["train.max_steps=16", "train.per_device_batch_size=8", "data.synthetic.train_size=256"]
+    plain = train(tiny("llama-full", tmp_path / "plain", *common)).parent
+    grouped = train(tiny("llama-full", tmp_path / "grouped", *common, "train.group_by_length=true")).parent
+    assert efficiency(grouped) > efficiency(plain) + 0.05
+    assert json.loads((grouped / "run.json").read_text())["status"] == "finished"
