@@ -29,6 +29,7 @@ from dsum.features import (IGNORE_INDEX, Collator, Featurizer, num_processed_tok
 from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
+from dsum.telemetry import StepClock
 
 
 
@@ -125,8 +126,11 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     model.train()
     window_log = LogWindow(accelerator.device, state.get("log_window") if resume is not None else None)
     guard = NonFiniteGuard(cfg.on_nonfinite_loss, accelerator.device, state.get("skipped_steps", 0))
+    clock = StepClock(accelerator.device)
+    seen = {"real_tokens": 0.0, "processed_tokens": 0.0}  # over the whole loop, for the summary in run.json
     started = last_log = time.perf_counter()
     while step < total_steps:
+        clock.start()
         epoch, index = divmod(step, plan.steps_per_epoch)
         window = plan.windows(epoch)[index]
         batches = [collate([train_features[i] for i in ids]) for ids in window]
@@ -145,17 +149,20 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            clock.lap("data")
             with accelerator.accumulate(model):
                 loss_sum = faults.poisoned(token_loss_sum(model, batch, recipe.model.family, cfg.label_smoothing),
                                            "train.loss", step + 1)
                 accelerator.backward(loss_sum * scale)
                 window_loss += loss_sum.detach().double()
+                clock.lap("forward_backward")
                 if accelerator.sync_gradients:
                     skip = guard.skips(window_loss)
                     grad_norm = None if skip else clip_gradients(accelerator, model, cfg.max_grad_norm)
                 if not skip:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                clock.lap("optimizer")
         scheduler.step()
         step += 1
         progress.update(1)
@@ -167,6 +174,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         if step % cfg.logging_steps == 0 or step == total_steps:
             loss_total, targets, real_tokens, processed = window_log.totals()
             now = time.perf_counter()
+            seen["real_tokens"] += real_tokens
+            seen["processed_tokens"] += processed
             record = {
                 "step": step,
                 "epoch": round(step / plan.steps_per_epoch, 4),
@@ -174,8 +183,10 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_second": real_tokens / (now - last_log),
+                "processed_tokens_per_second": processed / (now - last_log),
                 "padding_efficiency": real_tokens / max(processed, 1),
                 "elapsed_seconds": now - started,
+                **clock.read(),
             }
             if guard.skipped:
                 record["skipped_steps"] = guard.skipped
@@ -196,6 +207,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped),
                                        cfg.save_total_limit)
     progress.close()
+    loop_seconds = time.perf_counter() - started
     guard.check(run)
     if step < total_steps:  # stopped by a signal
         stop_after_signal(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped), cfg, run,
@@ -212,7 +224,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir / "eval",
                  accelerator=accelerator)
     run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
-               skipped_steps=guard.skipped)
+               skipped_steps=guard.skipped, telemetry=telemetry_summary(seen, loop_seconds, clock))
     trackers.finish()
     accelerator.end_training()
     return final
@@ -392,6 +404,16 @@ def zero3_init_disabled(accelerator):
         yield
     finally:
         set_hf_deepspeed_config(plugin.dschf)
+
+
+def telemetry_summary(seen: dict[str, float], seconds: float, clock: StepClock) -> dict[str, float]:
+    """Throughput, padding efficiency, time split and memory peaks of the loop (this session of the run)."""
+    return {
+        "tokens_per_second": seen["real_tokens"] / seconds,
+        "processed_tokens_per_second": seen["processed_tokens"] / seconds,
+        "padding_efficiency": seen["real_tokens"] / max(seen["processed_tokens"], 1),
+        **clock.summary(),
+    }
 
 
 class LogWindow:

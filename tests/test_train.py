@@ -176,3 +176,20 @@ def test_grouping_by_length_raises_the_logged_padding_efficiency(tmp_path):
     grouped = train(tiny("llama-full", tmp_path / "grouped", *common, "train.group_by_length=true")).parent
     assert efficiency(grouped) > efficiency(plain) + 0.05
     assert json.loads((grouped / "run.json").read_text())["status"] == "finished"
+
+
+def test_telemetry_splits_the_step_time_and_sums_up_the_run(tmp_path):
+    run = train(tiny("t5-full", tmp_path / "run", "train.max_steps=6", "train.logging_steps=3")).parent
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in rows] == [3, 6]
+    for r in rows:
+        phases = [r["data_seconds"], r["forward_backward_seconds"], r["optimizer_seconds"]]
+        assert all(p > 0 for p in phases) and sum(phases) < r["elapsed_seconds"]
+        assert r["forward_backward_seconds"] > r["data_seconds"]  # the model, not the collator, takes the time
+        assert r["processed_tokens_per_second"] >= r["tokens_per_second"] > 0
+        assert r["peak_host_rss_gib"] > 0.1
+    summary = json.loads((run / "run.json").read_text())["telemetry"]
+    shares = [summary[f"{p}_share"] for p in ("data", "forward_backward", "optimizer")]
+    assert sum(shares) == pytest.approx(1.0) and all(0 < s < 1 for s in shares)
+    assert summary["data_seconds"] == pytest.approx(sum(r["data_seconds"] for r in rows))
+    assert 0 < summary["padding_efficiency"] <= 1 and summary["tokens_per_second"] > 0
