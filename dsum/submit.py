@@ -5,8 +5,8 @@
 
 The script is `launch/train.slurm` (or `eval.slurm`) with its `#SBATCH` block rendered from the
 options and `launch/common.sh` inlined, so the file is whole: `sbatch` it again to rerun the job. The
-recipe, overrides applied, is frozen next to it, so editing the recipe later does not change a job
-that requeues. Both go into `<output_dir>/slurm/`, with the job's logs.
+recipe, overrides applied, is frozen next to it (`train.recipe.yaml`), so editing the recipe later
+does not change a job that requeues. Both go into `<output_dir>/slurm/`, with the job's logs.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | No
     if sbatch is None:
         raise RecipeError("sbatch is not on PATH: submit from a SLURM login node, or pass --dry-run to print the script")
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    (slurm_dir / "recipe.yaml").write_text(yaml.safe_dump(frozen(recipe), sort_keys=False))
+    (slurm_dir / f"{options.job}.recipe.yaml").write_text(yaml.safe_dump(frozen(recipe), sort_keys=False))
     path = slurm_dir / f"{options.job}.sbatch"
     path.write_text(script)
     done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True, check=False)
@@ -151,7 +151,7 @@ def render(recipe: Recipe, o: SubmitOptions, slurm_dir: Path) -> str:
         settings["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo; DeepSpeed picks the CPU by itself
     if o.env_file is not None:
         settings["DSUM_ENV_FILE"] = o.env_file.resolve()
-    args = [str(slurm_dir / "recipe.yaml")]
+    args = [str(slurm_dir / f"{o.job}.recipe.yaml")]
     if o.checkpoint is not None:
         args += ["--checkpoint", str(o.checkpoint.resolve())]
     body = launch_body(o.job)

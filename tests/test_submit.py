@@ -37,7 +37,7 @@ def test_dry_run_renders_a_whole_multi_node_script(tmp_path):
     assert f"export DSUM_ACCELERATE_CONFIG={ROOT}/accelerate_configs/multi_node_zero3.yaml" in script
     assert "DSUM_PROCS_PER_NODE" not in script.split("set -- ")[0]  # GPUs per node come from SLURM
     assert "ACCELERATE_USE_CPU" not in script.split("set -- ")[0]
-    assert f"set -- {out}/slurm/recipe.yaml" in script
+    assert f"set -- {out}/slurm/train.recipe.yaml" in script
     # launch/common.sh is inlined: the script needs nothing from the repository but the configs it names.
     assert "source " not in script.replace('source "$DSUM_ENV_FILE"', "")
     assert "dsum_launch train \"$@\" --resume auto" in script
@@ -60,7 +60,7 @@ def test_eval_jobs_render_from_eval_slurm(tmp_path):
                 "--gpus-per-node", "2", "--dry-run", f"output_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     assert "--job-name=dsum-eval" in sbatch_lines(done.stdout)
-    assert f"set -- {tmp_path}/slurm/recipe.yaml --checkpoint {tmp_path}/final" in done.stdout
+    assert f"set -- {tmp_path}/slurm/eval.recipe.yaml --checkpoint {tmp_path}/final" in done.stdout
     assert 'dsum_launch eval "$@" --skip-finished' in done.stdout
 
 
