@@ -169,6 +169,8 @@ class EvalConfig(Section):
     after_training: bool = Field(True, description="generate and score eval.split at the end of dsum train")
     validation_samples: int = Field(0, ge=0, description="validation dialogues generated and scored (ROUGE) with each "
                                                          "validation loss during training; 0 for the loss alone")
+    merge_adapter: bool = Field(False, description="dsum eval of a LoRA adapter: fold it into the base weights "
+                                                   "before generating (faster; not for QLoRA's 4-bit base)")
 
 
 class Recipe(Section):
@@ -195,6 +197,9 @@ class Recipe(Section):
         if "quantization" in self.model_fields_set and self.adapter.method != "qlora":
             raise ValueError(f"quantization is set but adapter.method is {self.adapter.method!r}; a 4-bit base is "
                              "frozen, so it needs adapter.method: qlora (or remove the quantization section)")
+        if self.eval.merge_adapter and self.adapter.method == "qlora":
+            raise ValueError("eval.merge_adapter cannot fold an adapter into a 4-bit base without losing precision; "
+                             "leave it false for QLoRA")
         if self.adapter.method == "qlora" and self.quantization.compute_dtype == "float16" and family == "seq2seq":
             raise ValueError("quantization.compute_dtype float16 overflows in T5-style models; use bfloat16 or float32")
         return self

@@ -128,7 +128,8 @@ def load_for_eval(recipe: Recipe, checkpoint: Path | None):
 
         config = json.loads((checkpoint / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path") or base
-        return PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint), tokenizer
+        model = PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint)
+        return (model.merge_and_unload() if recipe.eval.merge_adapter else model), tokenizer
     if (checkpoint / "config.json").is_file():
         recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "none"})})
         return load_model(recipe, checkpoint, for_training=False), tokenizer

@@ -161,3 +161,19 @@ def test_the_comparison_report_renders_with_its_tables_and_plots(run_dir, tmp_pa
     assert len(samples) == 3 and set(samples[0]) == {"id", "reference", "zero-shot", "run"}
     assert (out / "report.md").read_text().startswith("# dsum comparison")
     assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_merging_the_adapter_before_generation_changes_nothing_but_the_model(tmp_path):
+    from peft import PeftModel
+
+    from dsum.evaluate import load_for_eval, run_eval
+
+    recipe = tiny("t5-lora", tmp_path / "run", "train.max_steps=8", "eval.max_new_tokens=12")
+    final = train(recipe)
+    merged_recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"merge_adapter": True})})
+    merged, _ = load_for_eval(merged_recipe, final)
+    assert not isinstance(merged, PeftModel) and not any("lora_" in k for k in merged.state_dict())
+    plain = run_eval(recipe, checkpoint=final, output_dir=tmp_path / "plain", overwrite=False)
+    folded = run_eval(merged_recipe, checkpoint=final, output_dir=tmp_path / "merged", overwrite=False)
+    assert (tmp_path / "plain" / "predictions.jsonl").read_text() == (tmp_path / "merged" / "predictions.jsonl").read_text()
+    assert plain["rouge1"] == folded["rouge1"]
