@@ -8,7 +8,8 @@ with 1, 2 or 3 processes. Every rank makes the same number of `generate` calls, 
 are left-padded and the prompt is cut from the output.
 
 Each rank appends finished predictions to `partial/rank-R.jsonl` as it goes; a restarted evaluation
-reads them back and generates only what is missing.
+reads them back and generates only what is missing. A batch that runs out of GPU memory is generated
+in halves, and the smaller size is kept for the rest (not under ZeRO-3, whose ranks move in step).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Sequence
 import torch
 
 from dsum import distributed, faults
-from dsum.config import Recipe
+from dsum.config import Recipe, RunError
 from dsum.data import Example
 from dsum.features import Featurizer, pad
 from dsum.preemption import Stopped, StopSignals
@@ -90,6 +91,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
 
     model.eval()
     results: list[Prediction] = []
+    fitting = [recipe.eval.batch_size]  # rows per generate call: halved on out-of-memory, for the rest of the run
     for call in tqdm(range(calls), desc="generate", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
         # Every rank makes every call, so every rank votes here: stop together, between batches.
         if stop is not None and distributed.sum_all([stop.vote()])[0]:
@@ -103,8 +105,8 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
         input_ids = pad(rows, tokenizer.pad_token_id, left=left).to(device)
         attention_mask = pad([[1] * len(r) for r in rows], 0, left=left).to(device)
         with autocast():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    **generation_kwargs(recipe, tokenizer), synced_gpus=synced_gpus)
+            output = generate_fitting(model, input_ids, attention_mask, generation_kwargs(recipe, tokenizer),
+                                      synced_gpus, fitting)
         if repeat:
             continue
         if left:
@@ -130,6 +132,32 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
     for shard in distributed.gather_objects(results):
         gathered.update((p.id, p) for p in shard)
     return [gathered[e.id] for e in examples]
+
+
+def generate_fitting(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict, synced_gpus: bool,
+                     fitting: list[int]) -> torch.Tensor:
+    """`model.generate` on the batch, in slices of at most `fitting[0]` rows; on out-of-memory the slice
+    is halved (and stays halved) instead of failing. The rows keep the batch's padding, so each row's
+    prompt is the same whatever the slice, and the outputs are padded back into one tensor."""
+    outputs, start = [], 0
+    while start < len(input_ids):
+        rows = slice(start, start + fitting[0])
+        try:
+            outputs.append(model.generate(input_ids=input_ids[rows], attention_mask=attention_mask[rows], **kwargs,
+                                          synced_gpus=synced_gpus))
+        except torch.OutOfMemoryError:
+            if synced_gpus or fitting[0] == 1:  # ZeRO-3 ranks must make the same calls: no back-off there
+                raise RunError(f"out of memory generating {fitting[0]} dialogue(s) at once; lower eval.batch_size "
+                               "or eval.max_new_tokens") from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            fitting[0] //= 2
+            print(f"dsum: out of memory; generating {fitting[0]} dialogue(s) at a time from here on", flush=True)
+            continue
+        start += fitting[0]
+    width = max(o.shape[1] for o in outputs)
+    pad_id = kwargs["pad_token_id"]
+    return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_id) for o in outputs])
 
 
 def generation_kwargs(recipe: Recipe, tokenizer) -> dict:

@@ -177,3 +177,36 @@ def test_merging_the_adapter_before_generation_changes_nothing_but_the_model(tmp
     folded = run_eval(merged_recipe, checkpoint=final, output_dir=tmp_path / "merged", overwrite=False)
     assert (tmp_path / "plain" / "predictions.jsonl").read_text() == (tmp_path / "merged" / "predictions.jsonl").read_text()
     assert plain["rouge1"] == folded["rouge1"]
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_predictions(tmp_path, capsys):
+    import torch
+
+    from dsum.config import RunError
+    from dsum.data import load_split
+    from dsum.evaluate import load_for_eval
+    from dsum.generate import generate_predictions
+
+    for name in ("t5-full", "llama-full"):  # right- and left-padded prompts
+        recipe = tiny(name, tmp_path / name, "train.max_steps=4", "eval.batch_size=8", "eval.max_new_tokens=10",
+                      "data.synthetic.test_size=20")
+        final = train(recipe)
+        model, tokenizer = load_for_eval(recipe, final)
+        examples = load_split(recipe.data, "test")
+        expected = generate_predictions(recipe, model, tokenizer, examples, "cpu")
+
+        real_generate, sizes = model.generate, []
+        def small_memory(**kwargs):
+            sizes.append(len(kwargs["input_ids"]))
+            if len(kwargs["input_ids"]) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_generate(**kwargs)
+
+        model.generate = small_memory
+        assert generate_predictions(recipe, model, tokenizer, examples, "cpu") == expected
+        assert sizes[:3] == [8, 4, 2] and set(sizes[3:]) == {2}  # halved twice, then kept at 2
+        assert "generating 2 dialogue(s) at a time from here on" in capsys.readouterr().out
+
+        model.generate = lambda **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+        with pytest.raises(RunError, match="out of memory generating 1 dialogue"):
+            generate_predictions(recipe, model, tokenizer, examples, "cpu")
