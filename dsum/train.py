@@ -407,7 +407,7 @@ def zero3_init_disabled(accelerator):
 
 
 def telemetry_summary(seen: dict[str, float], seconds: float, clock: StepClock) -> dict[str, float]:
-    """Throughput, padding efficiency, time split and memory peaks of the loop (this session of the run)."""
+    """Throughput, padding efficiency, time split and memory peaks of the loop, since it started or resumed."""
     return {
         "tokens_per_second": seen["real_tokens"] / seconds,
         "processed_tokens_per_second": seen["processed_tokens"] / seconds,
