@@ -74,11 +74,11 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
     from accelerate import Accelerator
 
     output_dir = output_dir or Path(recipe.output_dir) / "eval"
-    if (output_dir / METRICS_FILE).is_file() and skip_finished and not overwrite:
-        if distributed.is_main():
-            print(f"{output_dir} already holds a finished evaluation; nothing to do", flush=True)
-        return None
     if (output_dir / METRICS_FILE).is_file() and not overwrite:
+        if skip_finished:
+            if distributed.is_main():
+                print(f"{output_dir} already holds a finished evaluation; nothing to do", flush=True)
+            return None
         raise RecipeError(f"{output_dir} already holds a finished evaluation; pass --overwrite to replace it, "
                           "or --output-dir to write elsewhere")
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,

@@ -50,12 +50,13 @@ class SubmitOptions:
 def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | None:
     """Print the script (dry run) or write it and submit it; returns the job id."""
     check_options(options)
-    check_recipe_fits(recipe, accelerate_config(options))
+    config = accelerate_config(options)
+    check_recipe_fits(recipe, config)
     output_dir = Path(recipe.output_dir).resolve()
     if options.job == "train" and read_status(output_dir / RUN_FILE) == "finished":
         raise RecipeError(f"output_dir {output_dir} already holds a finished run; choose another output_dir")
     slurm_dir = output_dir / SLURM_DIR
-    script = render(recipe, options, slurm_dir)
+    script = render(recipe, options, config, slurm_dir)
     if dry_run:
         print(script, end="")
         return None
@@ -100,10 +101,19 @@ def check_options(o: SubmitOptions) -> None:
         raise RecipeError(f"--env-file {o.env_file}: no such file")
     if o.checkpoint is not None and o.job != "eval":
         raise RecipeError("--checkpoint: only for --job eval")
-    accelerate_config(o)
 
 
-def accelerate_config(o: SubmitOptions) -> Path:
+@dataclass(frozen=True)
+class AccelerateConfig:
+    path: Path
+    settings: dict
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.settings.get("distributed_type") == "DEEPSPEED"
+
+
+def accelerate_config(o: SubmitOptions) -> AccelerateConfig:
     """`--accelerate NAME` is accelerate_configs/NAME.yaml; a path is taken as it is."""
     name = o.accelerate or ("ddp" if o.nodes == 1 else "multi_node_ddp")
     path = Path(name)
@@ -112,30 +122,23 @@ def accelerate_config(o: SubmitOptions) -> Path:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise RecipeError(f"--accelerate {name}: no such config; expected one of {known}, or a path to a YAML file")
-    return path.resolve()
+    return AccelerateConfig(path.resolve(), yaml.safe_load(path.read_text()) or {})
 
 
-def uses_deepspeed(config: Path) -> bool:
-    return (yaml.safe_load(config.read_text()) or {}).get("distributed_type") == "DEEPSPEED"
-
-
-def check_recipe_fits(recipe: Recipe, config: Path) -> None:
+def check_recipe_fits(recipe: Recipe, config: AccelerateConfig) -> None:
     """What training would refuse at start-up under this config, refused before the job waits in a queue."""
-    from dsum.train import check_deepspeed, check_zero_stage
+    from dsum.train import check_deepspeed
 
-    settings = yaml.safe_load(config.read_text()) or {}
-    if settings.get("distributed_type") == "DEEPSPEED":
-        check_zero_stage(recipe, int(settings.get("deepspeed_config", {}).get("zero_stage", 0)))
-        check_deepspeed(recipe)
+    if config.deepspeed:
+        check_deepspeed(recipe, int(config.settings.get("deepspeed_config", {}).get("zero_stage", 0)))
 
 
 def processes_per_node(o: SubmitOptions) -> int:
     return o.procs_per_node or o.gpus_per_node or 1
 
 
-def render(recipe: Recipe, o: SubmitOptions, slurm_dir: Path) -> str:
+def render(recipe: Recipe, o: SubmitOptions, config: AccelerateConfig, slurm_dir: Path) -> str:
     """The batch script: the `#SBATCH` block from the options, the settings, then the launch script's body."""
-    config = accelerate_config(o)
     name = f"dsum-{o.job}"
     directives = [f"--job-name={name}", f"--nodes={o.nodes}", "--ntasks-per-node=1"]
     if o.gpus_per_node:
@@ -144,10 +147,10 @@ def render(recipe: Recipe, o: SubmitOptions, slurm_dir: Path) -> str:
                                                           ("account", o.account)) if value]
     directives += ["--requeue", f"--signal=B:USR1@{o.signal_seconds}", "--open-mode=append",
                    f"--output={slurm_dir}/%x-%j.out", f"--chdir={Path.cwd()}", *o.sbatch_options]
-    settings = {"DSUM_ACCELERATE_CONFIG": config, "DSUM_PORT": o.port, "DSUM_LOG_DIR": slurm_dir}
+    settings = {"DSUM_ACCELERATE_CONFIG": config.path, "DSUM_PORT": o.port, "DSUM_LOG_DIR": slurm_dir}
     if o.procs_per_node or not o.gpus_per_node:
         settings["DSUM_PROCS_PER_NODE"] = processes_per_node(o)
-    if not o.gpus_per_node and not uses_deepspeed(config):
+    if not o.gpus_per_node and not config.deepspeed:
         settings["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo; DeepSpeed picks the CPU by itself
     if o.env_file is not None:
         settings["DSUM_ENV_FILE"] = o.env_file.resolve()
@@ -160,7 +163,7 @@ def render(recipe: Recipe, o: SubmitOptions, slurm_dir: Path) -> str:
         f"# Rendered by `dsum submit` from launch/{o.job}.slurm on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         f"# Submit it again with: sbatch {slurm_dir / f'{o.job}.sbatch'}",
         f"# {o.nodes} node(s) x {processes_per_node(o)} process(es) = {o.nodes * processes_per_node(o)} "
-        f"processes, Accelerate config {config.name}",
+        f"processes, Accelerate config {config.path.name}",
         *(f"#SBATCH {shlex.quote(d)}" for d in directives),
         "",
         *(f"export {key}={shlex.quote(str(value))}" for key, value in settings.items()),

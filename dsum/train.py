@@ -169,7 +169,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         faults.point("train.step", step)
         guard.note(window_loss, step)
         if not skip:
-            window_log.add(window_loss, batches)
+            window_log.add(window_loss, local_targets, batches)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
             loss_total, targets, real_tokens, processed = window_log.totals()
@@ -358,18 +358,15 @@ def check_launch(accelerator, recipe: Recipe) -> None:
                 f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps} but the DeepSpeed config sets "
                 f"{configured}; set it to auto there"
             )
-        check_zero_stage(recipe, plugin.zero_stage)
-        check_deepspeed(recipe)
+        check_deepspeed(recipe, plugin.zero_stage)
 
 
-def check_deepspeed(recipe: Recipe) -> None:
+def check_deepspeed(recipe: Recipe, zero_stage: int) -> None:
+    """What a recipe cannot do under DeepSpeed: skip an update (the engine applies it inside backward),
+    and, under ZeRO-3, shard 4-bit weights stored in another dtype than the rest of the model."""
     if recipe.train.on_nonfinite_loss == "skip":
         raise RecipeError("train.on_nonfinite_loss is skip, but DeepSpeed applies the update inside backward, "
                           "before a step can be skipped; use stop under DeepSpeed")
-
-
-def check_zero_stage(recipe: Recipe, zero_stage: int) -> None:
-    """ZeRO-3 can only shard 4-bit weights stored in the dtype of the rest of the model."""
     storage = recipe.quantization.storage_dtype
     if zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
         raise RecipeError(
@@ -429,9 +426,9 @@ class LogWindow:
             self.targets, self.real_tokens = int(saved[1]), int(saved[2])
             self.processed = int(saved[3]) if len(saved) > 3 else 0
 
-    def add(self, window_loss: torch.Tensor, batches: list[dict[str, torch.Tensor]]) -> None:
+    def add(self, window_loss: torch.Tensor, targets: int, batches: list[dict[str, torch.Tensor]]) -> None:
         self.loss += window_loss
-        self.targets += sum(num_target_tokens(b) for b in batches)
+        self.targets += targets
         self.real_tokens += sum(num_real_tokens(b) for b in batches)
         self.processed += sum(num_processed_tokens(b) for b in batches)
 
