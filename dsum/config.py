@@ -137,6 +137,12 @@ class TrainConfig(Section):
     per_device_batch_size: int = Field(8, gt=0)
     group_by_length: bool = Field(False, description="batches of similar length (less padding); the order of "
                                                      "optimizer steps stays random")
+    max_tokens_per_batch: int | None = Field(
+        None, gt=0, description="fill each micro-batch up to this many tokens per device (padding included) instead of "
+                                "per_device_batch_size examples; an example longer than it trains alone")
+    packing: bool = Field(False, description="causal models: put a micro-batch's examples end to end in one row, "
+                                             "with position_ids restarting at each, so there is no padding and "
+                                             "attention never crosses examples")
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -169,6 +175,11 @@ class EvalConfig(Section):
     after_training: bool = Field(True, description="generate and score eval.split at the end of dsum train")
     validation_samples: int = Field(0, ge=0, description="validation dialogues generated and scored (ROUGE) with each "
                                                          "validation loss during training; 0 for the loss alone")
+    cache: Literal["dynamic", "static"] = Field(
+        "dynamic", description="KV cache of generation: static preallocates it at full length, which lets the "
+                               "decoding step be compiled")
+    compile: bool = Field(False, description="compile the decoding step with torch.compile (needs eval.cache: static; "
+                                             "the first batches wait for compilation)")
     merge_adapter: bool = Field(False, description="dsum eval of a LoRA adapter: fold it into the base weights "
                                                    "before generating (faster; not for QLoRA's 4-bit base)")
 
@@ -200,6 +211,11 @@ class Recipe(Section):
         if self.eval.merge_adapter and self.adapter.method == "qlora":
             raise ValueError("eval.merge_adapter cannot fold an adapter into a 4-bit base without losing precision; "
                              "leave it false for QLoRA")
+        if self.train.packing and family != "causal":
+            raise ValueError("train.packing puts examples end to end in one decoder row, which only causal models "
+                             "have; use train.group_by_length or train.max_tokens_per_batch for seq2seq")
+        if self.eval.compile and self.eval.cache != "static":
+            raise ValueError("eval.compile needs eval.cache: static; a dynamic cache changes shape at every token")
         if self.adapter.method == "qlora" and self.quantization.compute_dtype == "float16" and family == "seq2seq":
             raise ValueError("quantization.compute_dtype float16 overflows in T5-style models; use bfloat16 or float32")
         return self

@@ -3,7 +3,11 @@
 Seq2seq: the encoder reads the prompt (+ EOS); the labels are the summary (+ EOS).
 Causal: one row reads BOS + prompt + summary + EOS; labels copy it with the BOS and prompt set to -100,
 so the loss falls on summary tokens alone. When a prompt is over budget only the dialogue is cut;
-when a summary is, its end is cut, never its start. Batches are padded to their own longest row.
+when a summary is, its end is cut, never its start. Batches are padded to their own longest row, or,
+packed (causal models, train.packing), put end to end in one row whose `position_ids` restart at
+each example and with no attention mask, from which transformers masks attention to each example
+alone. An example's labels start with its masked prompt, so no loss crosses from one example into
+the next.
 """
 
 from __future__ import annotations
@@ -111,12 +115,20 @@ class Featurizer:
 
 @dataclass
 class Collator:
-    """Pads a list of features to the longest row in it; seq2seq batches get decoder inputs too."""
+    """Pads a list of features to the longest row in it, or packs them into one row; seq2seq batches
+    get decoder inputs too."""
 
     pad_token_id: int
     decoder_start_token_id: int | None = None  # set for seq2seq models
+    packed: bool = False
 
     def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return {
+                "input_ids": torch.tensor([[t for f in features for t in f.input_ids]]),
+                "labels": torch.tensor([[t for f in features for t in f.labels]]),
+                "position_ids": torch.tensor([[i for f in features for i in range(len(f.input_ids))]]),
+            }
         input_ids = pad([f.input_ids for f in features], self.pad_token_id)
         batch = {
             "input_ids": input_ids,
@@ -126,6 +138,11 @@ class Collator:
         if self.decoder_start_token_id is not None:
             batch["decoder_input_ids"] = shift_right(batch["labels"], self.decoder_start_token_id, self.pad_token_id)
         return batch
+
+
+def feature_tokens(feature: Feature, family: str) -> int:
+    """Token positions the model computes for one example: encoder and decoder, or the one causal row."""
+    return len(feature.input_ids) + (len(feature.labels) if family == "seq2seq" else 0)
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -164,6 +181,8 @@ def num_processed_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def num_real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding tokens processed: encoder and decoder tokens for seq2seq, the one row for causal."""
+    if "attention_mask" not in batch:  # packed: no padding
+        return batch["input_ids"].numel()
     real = int(batch["attention_mask"].sum())
     if "decoder_input_ids" in batch:
         real += int((batch["labels"] != IGNORE_INDEX).sum())

@@ -136,6 +136,25 @@ def check_family(recipe: Recipe, config: Any) -> None:
         raise RecipeError("train.mixed_precision / model.dtype: fp16 overflows in T5 models; use bf16 or fp32")
 
 
+def check_packing(recipe: Recipe, config: Any) -> None:
+    """train.packing needs a model that takes position_ids and masks attention by them (transformers'
+    shared causal mask does when there is no attention mask, and flash attention reads them)."""
+    if not recipe.train.packing:
+        return
+    import inspect
+    import sys
+
+    try:
+        model_class = auto_class(recipe.model.family)._model_mapping[type(config)]
+    except KeyError:  # code shipped with the model: nothing to inspect
+        raise RecipeError(f"train.packing: cannot tell whether the {config.model_type} architecture keeps packed "
+                          "examples apart; set train.packing: false") from None
+    takes_positions = "position_ids" in inspect.signature(model_class.forward).parameters
+    if not (takes_positions and "create_causal_mask" in vars(sys.modules[model_class.__module__])):
+        raise RecipeError(f"train.packing: {model_class.__name__} cannot keep packed examples apart (it takes no "
+                          "position_ids); set train.packing: false and use train.group_by_length")
+
+
 def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
     """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there."""
     from transformers import set_seed

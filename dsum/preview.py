@@ -8,43 +8,60 @@ from __future__ import annotations
 
 import yaml
 
-from dsum.batching import BatchPlan
+from dsum.batching import training_plan
 from dsum.config import Recipe, RecipeError, recipe_to_dict
 from dsum.data import load_split
-from dsum.features import IGNORE_INDEX, Featurizer
+from dsum.features import IGNORE_INDEX, Featurizer, feature_tokens
 
 
 def describe_recipe(recipe: Recipe, world_size: int) -> str:
-    from dsum.modeling import describe_parameters, meta_model, model_config, train_tokenizer, load_tokenizer
+    from dsum.modeling import (check_packing, describe_parameters, load_tokenizer, meta_model, model_config,
+                               train_tokenizer)
 
-    cfg = recipe.train
     lines = ["# resolved recipe", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip(), "", "# run"]
     examples = load_split(recipe.data, recipe.data.train_split)
-    plan = BatchPlan(len(examples), cfg.per_device_batch_size, cfg.gradient_accumulation_steps, world_size, 0, cfg.seed)
-    total = plan.total_steps(cfg.num_epochs, cfg.max_steps)
-    lines += [
-        f"world size: {world_size}",
-        f"global batch size: {plan.global_batch_size} "
-        f"(= {cfg.per_device_batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {world_size} processes)",
-        f"training examples: {len(examples)}; optimizer steps per epoch: {plan.steps_per_epoch}; "
-        f"optimizer steps: {total} ({total / plan.steps_per_epoch:.2f} epochs)",
-        f"prompt template: {recipe.template}; adapter: {recipe.adapter.method}",
-    ]
     try:
         if recipe.tokenizer.train:  # trained in memory here; `dsum train` caches it in the output directory
             tokenizer = train_tokenizer(recipe, (t for e in examples for t in (e.dialogue, *e.references)))
         else:
             tokenizer = load_tokenizer(recipe, output_dir=None)
         config = model_config(recipe, tokenizer)
-        lines.append(describe_parameters(meta_model(recipe, config)))
     except RecipeError as err:
         if recipe.model.name_or_path is None:  # built here from the recipe: the recipe is wrong
             raise
+        lines += describe_plan(recipe, examples, None, world_size)
         lines.append(f"parameters and example: not available here ({err})")  # a Hub model, offline
         return "\n".join(lines)
+    check_packing(recipe, config)
+    lines += describe_plan(recipe, examples, tokenizer, world_size)
+    lines.append(describe_parameters(meta_model(recipe, config)))
     lines += ["", "# one training example (the loss is taken on the [loss] part only)"]
     lines += render_example(recipe, tokenizer, examples[0])
     return "\n".join(lines)
+
+
+def describe_plan(recipe: Recipe, examples, tokenizer, world_size: int) -> list[str]:
+    """Batch size and optimizer steps; under a token budget they follow the token lengths (the tokenizer's)."""
+    cfg = recipe.train
+    per_step = f"{cfg.gradient_accumulation_steps} accumulation x {world_size} processes"
+    if cfg.max_tokens_per_batch is None:
+        plan = training_plan(cfg, [0] * len(examples), world_size, 0)
+        size = f"global batch size: {plan.global_batch_size} (= {cfg.per_device_batch_size} per device x {per_step})"
+    elif tokenizer is None:
+        return [f"world size: {world_size}", f"micro-batches of up to {cfg.max_tokens_per_batch} tokens per device; "
+                "optimizer steps depend on token lengths, unknown without the tokenizer"]
+    else:
+        features = Featurizer(recipe, tokenizer).training_features(examples)
+        plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in features], world_size, 0)
+        size = f"micro-batches of up to {cfg.max_tokens_per_batch} tokens per device x {per_step}"
+    total = plan.total_steps(cfg.num_epochs, cfg.max_steps)
+    return [
+        f"world size: {world_size}",
+        size + ("; packed end to end" if cfg.packing else "") + ("; grouped by length" if cfg.group_by_length else ""),
+        f"training examples: {len(examples)}; optimizer steps per epoch: {plan.steps_per_epoch}; "
+        f"optimizer steps: {total} ({plan.epochs_done(total):.2f} epochs)",
+        f"prompt template: {recipe.template}; adapter: {recipe.adapter.method}",
+    ]
 
 
 def render_example(recipe: Recipe, tokenizer, example) -> list[str]:

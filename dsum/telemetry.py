@@ -69,3 +69,76 @@ def peak_memory(cuda: bool) -> dict[str, float]:
         peaks["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         peaks["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     return peaks
+
+
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs and MFU
+
+# Dense bf16 peak of one device, FLOP/s, by a name torch.cuda.get_device_name() contains (most specific first).
+BF16_PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None where it is not known (CPUs, other GPUs): then no MFU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+
+
+class FlopCounter:
+    """Model FLOPs of training on a batch: what the model must compute, not what recomputation adds.
+
+    A token through a matmul with N weights costs 2N forward, 2N for the gradient of its input, and
+    2N for the gradient of the weights when they train: 6N for full fine-tuning, 4N + 2N_trainable
+    for an adapter on a frozen base. Attention adds, per layer, 4 d T_q T_k forward (scores and their
+    use) and twice that backward, counted over whole sequences as usual. Encoder tokens go through
+    the encoder's matmuls, decoder and causal tokens through the decoder's and the output head.
+    """
+
+    def __init__(self, model):
+        self.weights = {"encoder": [0, 0], "decoder": [0, 0]}  # [all, trainable] matmul weights per stack
+        for name, module in model.named_modules():
+            linear = all(hasattr(module, a) for a in ("in_features", "out_features", "weight"))
+            if linear and not hasattr(module, "base_layer"):  # an adapter's wrapper: its parts count instead
+                stack = "encoder" if "encoder" in name.split(".") else "decoder"
+                size = module.in_features * module.out_features  # the true shape, also under ZeRO-3 or 4 bits
+                self.weights[stack][0] += size
+                self.weights[stack][1] += size if module.weight.requires_grad else 0
+        config = model.config
+        self.encoder_layers = getattr(config, "num_layers", 0) if config.is_encoder_decoder else 0
+        self.decoder_layers = (getattr(config, "num_decoder_layers", None) or getattr(config, "num_layers", 0)
+                               if config.is_encoder_decoder else config.num_hidden_layers)
+        heads = getattr(config, "num_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "d_kv", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.attention_width = heads * head_dim
+
+    def per_token(self, stack: str) -> int:
+        total, trainable = self.weights[stack]
+        return 4 * total + 2 * trainable
+
+    def batch(self, batch: dict[str, torch.Tensor]) -> float:
+        attention = 3 * 4 * self.attention_width  # forward and backward, per layer and per query-key pair
+        if "decoder_input_ids" in batch:
+            source = batch["attention_mask"].sum(dim=1).double()
+            target = (batch["labels"] != -100).sum(dim=1).double()
+            return float(source.sum() * self.per_token("encoder") + target.sum() * self.per_token("decoder")
+                         + attention * (self.encoder_layers * (source**2).sum()
+                                        + self.decoder_layers * (target**2 + target * source).sum()))
+        lengths = sequence_lengths(batch).double()
+        return float(lengths.sum() * self.per_token("decoder") + attention * self.decoder_layers * (lengths**2).sum())
+
+
+def sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real tokens of each example of a causal batch, padded or packed (positions restart at 0)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(dim=1)
+    starts = torch.nonzero(batch["position_ids"].flatten() == 0).flatten().tolist() + [batch["position_ids"].numel()]
+    return torch.tensor([end - start for start, end in zip(starts, starts[1:])])

@@ -21,15 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from dsum import checkpoint, distributed, faults
-from dsum.batching import BatchPlan
+from dsum.batching import BatchPlan, training_plan
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig
 from dsum.data import Example, load_split
-from dsum.features import (IGNORE_INDEX, Collator, Featurizer, num_processed_tokens, num_real_tokens,
-                           num_target_tokens)
+from dsum.features import (IGNORE_INDEX, Collator, Featurizer, feature_tokens, num_processed_tokens,
+                           num_real_tokens, num_target_tokens)
 from dsum.preemption import StopSignals, Stopped
-from dsum.modeling import describe_parameters, load_model, load_tokenizer, materialize_base, model_config
+from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, materialize_base,
+                           model_config)
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
-from dsum.telemetry import StepClock
+from dsum.telemetry import FlopCounter, StepClock, device_peak_flops
 
 
 
@@ -85,7 +86,9 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
               f"dialogues and {truncation['summaries_truncated']} summaries of {truncation['examples']}", flush=True)
     val_features = Featurizer(recipe, tokenizer).training_features(val_examples)
     config = model_config(recipe, tokenizer)
-    collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None)
+    check_packing(recipe, config)
+    collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None,
+                       packed=cfg.packing)
 
     # ---- model, optimizer, schedule --------------------------------------------------------
     source: str | Path | None = recipe.model.name_or_path
@@ -95,9 +98,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     model = load_model(recipe, source)
     if distributed.is_main():
         print(describe_parameters(model), flush=True)
-    lengths = tuple(len(f.input_ids) + len(f.labels) for f in train_features) if cfg.group_by_length else None
-    plan = BatchPlan(len(train_features), cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
-                     world_size, rank, cfg.seed, lengths=lengths)
+    plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in train_features], world_size, rank)
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
@@ -124,14 +125,16 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
     model.train()
-    window_log = LogWindow(accelerator.device, state.get("log_window") if resume is not None else None)
+    window_log = LogWindow(accelerator.device, FlopCounter(accelerator.unwrap_model(model)),
+                           state.get("log_window") if resume is not None else None)
+    peak_flops = device_peak_flops(accelerator.device)
     guard = NonFiniteGuard(cfg.on_nonfinite_loss, accelerator.device, state.get("skipped_steps", 0))
     clock = StepClock(accelerator.device)
-    seen = {"real_tokens": 0.0, "processed_tokens": 0.0}  # over the whole loop, for the summary in run.json
+    seen = {"real_tokens": 0.0, "processed_tokens": 0.0, "flops": 0.0}  # over the whole loop, for the summary in run.json
     started = last_log = time.perf_counter()
     while step < total_steps:
         clock.start()
-        epoch, index = divmod(step, plan.steps_per_epoch)
+        epoch, index = plan.locate(step)
         window = plan.windows(epoch)[index]
         batches = [collate([train_features[i] for i in ids]) for ids in window]
 
@@ -172,19 +175,21 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             window_log.add(window_loss, local_targets, batches)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
-            loss_total, targets, real_tokens, processed = window_log.totals()
+            loss_total, targets, real_tokens, processed, flops = window_log.totals()
             now = time.perf_counter()
             seen["real_tokens"] += real_tokens
             seen["processed_tokens"] += processed
+            seen["flops"] += flops
             record = {
                 "step": step,
-                "epoch": round(step / plan.steps_per_epoch, 4),
+                "epoch": round(plan.epochs_done(step), 4),
                 "loss": loss_total / max(targets, 1),
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_second": real_tokens / (now - last_log),
                 "processed_tokens_per_second": processed / (now - last_log),
                 "padding_efficiency": real_tokens / max(processed, 1),
+                **model_flops(flops, now - last_log, peak_flops, world_size),
                 "elapsed_seconds": now - started,
                 **clock.read(),
             }
@@ -200,7 +205,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
-            metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **record})
+            metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
             trackers.log(record, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             guard.check(run)  # never save weights a non-finite loss has reached
@@ -215,7 +220,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     # ---- save ------------------------------------------------------------------------------
     record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
-    metrics.write({"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **record})
+    metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
     trackers.log(record, step)
     final = checkpoint.save_final(accelerator, model, tokenizer, output_dir)
     if recipe.eval.after_training:
@@ -224,7 +229,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir / "eval",
                  accelerator=accelerator)
     run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
-               skipped_steps=guard.skipped, telemetry=telemetry_summary(seen, loop_seconds, clock))
+               skipped_steps=guard.skipped,
+               telemetry=telemetry_summary(seen, loop_seconds, clock, peak_flops, world_size))
     trackers.finish()
     accelerator.end_training()
     return final
@@ -403,14 +409,25 @@ def zero3_init_disabled(accelerator):
         set_hf_deepspeed_config(plugin.dschf)
 
 
-def telemetry_summary(seen: dict[str, float], seconds: float, clock: StepClock) -> dict[str, float]:
-    """Throughput, padding efficiency, time split and memory peaks of the loop, since it started or resumed."""
+def telemetry_summary(seen: dict[str, float], seconds: float, clock: StepClock, peak_flops: float | None,
+                      world_size: int) -> dict[str, float]:
+    """Throughput, padding efficiency, FLOPs, time split and memory peaks of the loop, since it started or resumed."""
     return {
         "tokens_per_second": seen["real_tokens"] / seconds,
         "processed_tokens_per_second": seen["processed_tokens"] / seconds,
         "padding_efficiency": seen["real_tokens"] / max(seen["processed_tokens"], 1),
+        **model_flops(seen["flops"], seconds, peak_flops, world_size),
         **clock.summary(),
     }
+
+
+def model_flops(flops: float, seconds: float, peak_flops: float | None, world_size: int) -> dict[str, float]:
+    """Model TFLOP/s over all ranks and, where the device's bf16 peak is known, MFU: their share of the peaks."""
+    achieved = flops / seconds
+    record = {"model_tflops_per_second": achieved / 1e12}
+    if peak_flops:
+        record["mfu"] = achieved / (peak_flops * world_size)
+    return record
 
 
 class LogWindow:
@@ -418,27 +435,31 @@ class LogWindow:
     micro-batch); a checkpoint carries the window's totals, so a resumed run logs what an
     uninterrupted one would."""
 
-    def __init__(self, device: torch.device, saved: list[float] | None = None):
+    def __init__(self, device: torch.device, flop_counter: FlopCounter, saved: list[float] | None = None):
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.targets = self.real_tokens = self.processed = 0
+        self.flop_counter = flop_counter
+        self.reset()
         if saved and distributed.is_main():  # the saved totals are over all ranks: count them once
             self.loss += saved[0]
             self.targets, self.real_tokens = int(saved[1]), int(saved[2])
             self.processed = int(saved[3]) if len(saved) > 3 else 0
+            self.flops = saved[4] if len(saved) > 4 else 0.0
 
     def add(self, window_loss: torch.Tensor, targets: int, batches: list[dict[str, torch.Tensor]]) -> None:
         self.loss += window_loss
         self.targets += targets
         self.real_tokens += sum(num_real_tokens(b) for b in batches)
         self.processed += sum(num_processed_tokens(b) for b in batches)
+        self.flops += sum(self.flop_counter.batch(b) for b in batches)
 
     def totals(self) -> list[float]:
-        """[loss sum, target tokens, real tokens, processed tokens (padding included)] over all ranks."""
-        return distributed.sum_all([self.loss.item(), self.targets, self.real_tokens, self.processed])
+        """[loss sum, target tokens, real tokens, processed tokens (padding included), model FLOPs] over all ranks."""
+        return distributed.sum_all([self.loss.item(), self.targets, self.real_tokens, self.processed, self.flops])
 
     def reset(self) -> None:
         self.loss.zero_()
         self.targets = self.real_tokens = self.processed = 0
+        self.flops = 0.0
 
 
 class NonFiniteGuard:
@@ -479,14 +500,17 @@ class NonFiniteGuard:
 
 def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = None, skipped: int = 0) -> dict[str, Any]:
     """What a checkpoint records besides the weights: the step, the batch layout it needs, the log window."""
+    # The settings that shape the layout come first, so a mismatch names the one that moved.
+    budget = {"max_tokens_per_batch": plan.max_tokens} if plan.max_tokens is not None else {}  # older checkpoints: none
     layout = {
         "global_step": step,
-        "steps_per_epoch": plan.steps_per_epoch,
+        **budget,
         "world_size": plan.world_size,
         "per_device_batch_size": plan.per_device_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "num_examples": plan.num_examples,
         "seed": plan.seed,
+        "steps_per_epoch": plan.steps_per_epoch,
     }
     if window_log is None:
         return layout

@@ -1,5 +1,7 @@
 """The batch plan: disjoint shards, equal work per rank, and layouts that see the same examples."""
 
+import math
+
 import pytest
 
 from dsum.batching import BatchPlan
@@ -52,7 +54,7 @@ LENGTHS = tuple((i * 7919) % 500 + 10 for i in range(3000))  # lengths in no ord
 
 
 def grouped(n=3000, bs=4, ga=2, world=1, rank=0, seed=5):
-    return BatchPlan(n, bs, ga, world, rank, seed, lengths=LENGTHS[:n])
+    return BatchPlan(n, bs, ga, world, rank, seed, lengths=LENGTHS[:n], group_by_length=True)
 
 
 def padding(windows) -> float:
@@ -85,3 +87,54 @@ def test_grouped_layouts_still_see_the_same_examples():
     single = grouped(n=1000, bs=4, ga=2).windows(1)
     for k, window in enumerate(single):
         assert sorted(i for mb in window for i in mb) == sorted(i for r in range(2) for mb in ranks[r][k] for i in mb)
+
+
+def budget(n=3000, ga=2, world=1, rank=0, seed=5, tokens=2000, group=True, packed=False):
+    return BatchPlan(n, 1, ga, world, rank, seed, lengths=LENGTHS[:n], group_by_length=group, max_tokens=tokens,
+                     packed=packed)
+
+
+def rank_tokens(mb, packed=False) -> int:
+    rows = [LENGTHS[i] for i in mb]
+    return sum(rows) if packed else len(rows) * max(rows)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_budget_keeps_every_rank_within_it_and_covers_the_epoch(world, packed):
+    ranks = [budget(world=world, rank=r, packed=packed).windows(1) for r in range(world)]
+    assert len({len(w) for w in ranks}) == 1  # the same number of steps on every rank
+    for r in range(world):
+        for window in ranks[r]:
+            assert all(mb and (rank_tokens(mb, packed) <= 2000 or len(mb) == 1) for mb in window)
+    seen = sorted(i for windows in ranks for w in windows for mb in w for i in mb)
+    assert sorted(set(seen)) == list(range(3000)) and len(seen) == 3000  # 3000 is a multiple of 1 and 3
+    # Budgets are filled: a micro-batch could not have taken the next example's row.
+    assert sum(rank_tokens(mb, packed) for w in ranks[0] for mb in w) / sum(len(w) for w in ranks[0]) > 1400
+
+
+def test_token_budget_with_grouping_pads_little_and_the_steps_stay_shuffled():
+    plain, grouped_plan = budget(group=False), budget()
+    assert padding(grouped_plan.windows(0)) < 0.05 < 0.3 < padding(plain.windows(0))
+    step_max = [max(LENGTHS[i] for mb in w for i in mb) for w in grouped_plan.windows(0)]
+    assert step_max[:20] != sorted(step_max[:20], reverse=True)
+    # Short examples make bigger batches: the number of rows follows the budget, not a fixed size.
+    sizes = {len(mb) for w in grouped_plan.windows(0) for mb in w}
+    assert min(sizes) < 5 and max(sizes) > 40
+
+
+def test_an_example_longer_than_the_budget_trains_alone():
+    windows = budget(tokens=100, group=False).windows(0)
+    for mb in (mb for w in windows for mb in w):
+        assert len(mb) == 1 or rank_tokens(mb) <= 100
+    assert any(len(mb) == 1 and LENGTHS[mb[0]] > 100 for w in windows for mb in w)
+
+
+def test_token_budget_epochs_differ_in_steps_and_the_loop_finds_its_place():
+    p = budget(n=500, tokens=1500)
+    counts = [p.steps_in_epoch(e) for e in range(3)]
+    assert p.total_steps(2.5, None) == counts[0] + counts[1] + math.ceil(0.5 * counts[2])
+    step = counts[0] + counts[1] + 3
+    assert p.locate(step) == (2, 3)
+    assert p.epochs_done(step) == pytest.approx(2 + 3 / counts[2])
+    assert p.global_batch_size is None

@@ -111,3 +111,30 @@ def test_few_shot_prompts_fit_the_budget_and_put_solved_examples_first(tokenizer
     assert short.removesuffix("</s>").rstrip().endswith("Summary:")
     long = tok.decode(featurizer.prompt_ids(DIALOGUE * 20))
     assert long.count("Summary:") == 1  # no room left: the dialogue alone, cut to fit
+
+
+def test_packed_rows_restart_positions_and_keep_every_example_apart(tokenizers):
+    """A tiny Llama computes the same logits for each example packed in one row as for it alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsum.modeling import model_config
+
+    recipe, tok = tokenizers["llama"]
+    featurizer = Featurizer(recipe, tok)
+    features = [featurizer.training_feature(Example(str(i), DIALOGUE[: 40 + 30 * i], [SUMMARY[: 20 + 9 * i]]))
+                for i in range(3)]
+    batch = Collator(tok.pad_token_id, packed=True)(features)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    lengths = [len(f.input_ids) for f in features]
+    assert batch["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    assert batch["labels"][0].tolist() == [t for f in features for t in f.labels]
+    # Each example's labels open with its masked prompt: no loss reaches across a boundary.
+    assert all(f.labels[0] == IGNORE_INDEX for f in features)
+    torch.manual_seed(0)
+    for attention in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_config(model_config(recipe, tok), attn_implementation=attention).eval()
+        with torch.no_grad():
+            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+            alone = [model(input_ids=torch.tensor([f.input_ids])).logits[0] for f in features]
+        torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)

@@ -193,3 +193,77 @@ def test_telemetry_splits_the_step_time_and_sums_up_the_run(tmp_path):
     assert sum(shares) == pytest.approx(1.0) and all(0 < s < 1 for s in shares)
     assert summary["data_seconds"] == pytest.approx(sum(r["data_seconds"] for r in rows))
     assert 0 < summary["padding_efficiency"] <= 1 and summary["tokens_per_second"] > 0
+
+
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_packed_training_equals_padded_training_without_padding(tmp_path):
+    common = ["train.max_steps=4", "train.per_device_batch_size=4", "train.gradient_accumulation_steps=2"]
+    padded = train(tiny("llama-full", tmp_path / "padded", *common)).parent
+    packed = train(tiny("llama-full", tmp_path / "packed", *common, "train.packing=true")).parent
+    assert losses(packed) == pytest.approx(losses(padded), abs=1e-5)
+    # Other matmul shapes round differently (1e-7), and Adam scales near-zero gradients up to the learning rate.
+    assert_same_weights(padded, packed, atol=5e-4)
+    assert all(r["padding_efficiency"] == 1.0 for r in metric_rows(packed))
+    assert all(r["padding_efficiency"] < 0.95 for r in metric_rows(padded))
+
+
+def test_packing_is_refused_for_a_model_without_position_ids(tmp_path):
+    with pytest.raises(RecipeError, match="train.packing: BloomForCausalLM cannot keep packed examples apart"):
+        train(tiny("llama-full", tmp_path / "run", "train.packing=true",
+                   "model.architecture={model_type: bloom, hidden_size: 32, n_layer: 1, n_head: 2}"))
+
+
+def test_token_budget_batches_train_resume_exactly_and_log_their_progress(tmp_path):
+    common = ["train.max_tokens_per_batch=600", "train.group_by_length=true", "train.max_steps=6",
+              "train.gradient_accumulation_steps=2", "data.synthetic.train_size=16"]
+    straight = train(tiny("t5-full", tmp_path / "straight", *common)).parent
+    rows = metric_rows(straight)
+    run = json.loads((straight / "run.json").read_text())
+    assert run["global_batch_size"] is None and run["steps_per_epoch"] < 6  # 16 examples: the 6 steps go past one epoch
+    assert [r["epoch"] for r in rows] == sorted(r["epoch"] for r in rows) and rows[-1]["epoch"] > 1
+    assert run["telemetry"]["padding_efficiency"] > 0.9  # batches of similar length
+    saved = train(tiny("t5-full", tmp_path / "saved", *common, "train.save_steps=3")).parent
+    shutil.rmtree(saved / "final")
+    shutil.rmtree(saved / "checkpoints" / "step-00000006", ignore_errors=True)
+    train(tiny("t5-full", saved, *common, "train.save_steps=3"), resume="latest")
+    assert losses(saved) == pytest.approx(losses(straight), abs=1e-6)
+    assert_same_weights(straight, saved, atol=1e-6)
+    with pytest.raises(RecipeError, match="made with max_tokens_per_batch=600, this run has 700"):
+        train(tiny("t5-full", saved, *[c.replace("=600", "=700") for c in common]), resume=str(
+            saved / "checkpoints" / "step-00000003"))
+
+
+def test_model_flops_are_counted_from_the_layers_and_give_mfu_against_a_peak(tmp_path, monkeypatch):
+    from dsum import train as train_module
+    from dsum.features import Collator
+    from dsum.modeling import load_model, materialize_base, model_config
+    from dsum.telemetry import FlopCounter
+
+    monkeypatch.setattr(train_module, "device_peak_flops", lambda device: 1e12)  # a device of 1 TFLOP/s
+    run = train(tiny("llama-lora", tmp_path / "run", "train.max_steps=4", "train.logging_steps=2")).parent
+    rows = metric_rows(run)
+    assert all(r["mfu"] == pytest.approx(r["model_tflops_per_second"]) and r["mfu"] > 0 for r in rows)
+    assert json.loads((run / "run.json").read_text())["telemetry"]["mfu"] > 0
+
+    # By hand, for one padded batch of the tiny Llama: 4N + 2N_trainable per token, plus attention.
+    recipe = tiny("llama-lora", run)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    model = load_model(recipe, materialize_base(recipe, model_config(recipe, tokenizer), run))
+    config = model.config
+    linear = [(m.in_features * m.out_features, m.weight.requires_grad) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear)]
+    n_all, n_trainable = sum(n for n, _ in linear), sum(n for n, t in linear if t)
+    assert 0 < n_trainable < n_all / 5  # the adapters alone train
+    batch = Collator(tokenizer.pad_token_id)([type("F", (), {"input_ids": [1] * n, "labels": [1] * n})()
+                                               for n in (5, 9)])
+    width = config.num_attention_heads * config.head_dim
+    expected = 14 * (4 * n_all + 2 * n_trainable) + 12 * width * config.num_hidden_layers * (5**2 + 9**2)
+    assert FlopCounter(model).batch(batch) == pytest.approx(expected)
+    packed = Collator(tokenizer.pad_token_id, packed=True)([type("F", (), {"input_ids": [1] * n, "labels": [1] * n})()
+                                                            for n in (5, 9)])
+    assert FlopCounter(model).batch(packed) == pytest.approx(expected)
