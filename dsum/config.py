@@ -216,6 +216,9 @@ class Recipe(Section):
                              "have; use train.group_by_length or train.max_tokens_per_batch for seq2seq")
         if self.eval.compile and self.eval.cache != "static":
             raise ValueError("eval.compile needs eval.cache: static; a dynamic cache changes shape at every token")
+        if self.eval.compile and self.adapter.method == "qlora":
+            raise ValueError("eval.compile: transformers does not compile a 4-bit base (it would generate "
+                             "uncompiled); set eval.compile: false for QLoRA")
         if self.adapter.method == "qlora" and self.quantization.compute_dtype == "float16" and family == "seq2seq":
             raise ValueError("quantization.compute_dtype float16 overflows in T5-style models; use bfloat16 or float32")
         return self

@@ -85,3 +85,8 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def zero3(accelerator) -> bool:
+    """Whether DeepSpeed shards the weights (ZeRO-3), so every rank must join every forward pass."""
+    return getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3

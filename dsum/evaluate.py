@@ -5,6 +5,11 @@
 
 The model is a trained run's `final/` (full weights, or a LoRA adapter loaded onto its base), any
 such directory given with `--checkpoint`, or the recipe's base model alone (zero-shot).
+
+Scoring is spread like generation: each rank scores every world_size-th prediction with ROUGE, the
+per-dialogue scores are gathered back into dataset order, and rank 0 alone averages them and draws
+the bootstrap intervals, so the metrics are the same with any number of processes.
+`scoring_seconds` is the time from the start of the spread scoring to the finished metrics.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ from pathlib import Path
 from dsum import distributed
 from dsum.config import Recipe, RecipeError
 from dsum.data import load_split
-from dsum.generate import PARTIAL_DIR, generate_predictions
+from dsum.generate import PARTIAL_DIR, Prediction, generate_predictions
 from dsum.preemption import StopSignals
 from dsum.prompts import pick_shots
-from dsum.scoring import rouge, rouge_table
+from dsum.scoring import interleave, rouge_from_matrix, rouge_table, spread_scores
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -28,23 +33,25 @@ METRICS_FILE = "metrics.json"
 
 def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
              stop: StopSignals | None = None) -> dict | None:
-    """Every rank generates its batches; rank 0 scores, writes the files and returns the metrics."""
+    """Every rank generates and scores its share; rank 0 writes the files and returns the metrics."""
     examples = load_split(recipe.data, recipe.eval.split)[: recipe.eval.max_samples]
-    zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
     partial = output_dir / PARTIAL_DIR
     shots = (pick_shots(load_split(recipe.data, recipe.data.train_split), recipe.prompt.shots, recipe.train.seed)
              if recipe.prompt.shots else [])
     started = time.perf_counter()
-    predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device, synced_gpus=zero3,
-                                       autocast=accelerator.autocast, partial_dir=partial, progress=True, shots=shots,
-                                       stop=stop)
+    predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device,
+                                       synced_gpus=distributed.zero3(accelerator), autocast=accelerator.autocast,
+                                       partial_dir=partial, progress=True, shots=shots, stop=stop)
     seconds = time.perf_counter() - started
+    scoring_started = time.perf_counter()
+    matrix = spread_score_matrix(predictions)
     if not distributed.is_main():
         distributed.barrier()
         return None
     generated = sum(p.generated_tokens for p in predictions)
     metrics = {
-        **rouge([p.prediction for p in predictions], [p.references for p in predictions]),
+        **rouge_from_matrix(matrix),
+        "scoring_seconds": time.perf_counter() - scoring_started,
         "split": recipe.eval.split,
         "mean_generated_tokens": generated / max(len(predictions), 1),
         "generation_seconds": seconds,
@@ -63,6 +70,13 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
     print(rouge_table(metrics, title), flush=True)
     distributed.barrier()
     return metrics
+
+
+def spread_score_matrix(predictions: list[Prediction]) -> list:
+    """`score_matrix` of all predictions, each rank scoring its share; on every rank, in dataset order."""
+    share = spread_scores([p.prediction for p in predictions], [p.references for p in predictions],
+                          distributed.rank(), distributed.world_size())
+    return interleave(distributed.gather_objects(share))
 
 
 def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None, overwrite: bool,

@@ -10,6 +10,19 @@ are left-padded and the prompt is cut from the output.
 Each rank appends finished predictions to `partial/rank-R.jsonl` as it goes; a restarted evaluation
 reads them back and generates only what is missing. A batch that runs out of GPU memory is generated
 in halves, and the smaller size is kept for the rest (not under ZeRO-3, whose ranks move in step).
+
+`eval.cache: static` allocates each batch's KV cache at its full length up front instead of growing
+it token by token; the predictions are the same. transformers compiles the decoding step of a static
+cache by itself, but only on CUDA: here `eval.compile` alone decides, on any device. The first batch
+waits for compilation (about 20 s for a tiny model on a CPU), and new shapes compile again (a smaller
+last batch, a seq2seq batch's prompt length) until torch.compile takes the size as variable.
+Refused before anything is generated (and by `dsum train` before it trains, when it will generate):
+a static cache for a model class that transformers does not mark as compilable (the mark its own
+tests take for static-cache support), compiling a quantized base (transformers would silently not),
+and compiling under ZeRO-3 (torch.compile does not reliably trace the hooks that gather each layer's
+weights; pytorch/pytorch#115484). A static cache under ZeRO-3 works: a rank that has finished keeps
+decoding until all have, but no rank decodes more than `eval.max_new_tokens` steps, which its cache
+holds.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from typing import Sequence
 import torch
 
 from dsum import distributed, faults
-from dsum.config import Recipe, RunError
+from dsum.config import EvalConfig, Recipe, RecipeError, RunError
 from dsum.data import Example
 from dsum.features import Featurizer, pad
 from dsum.preemption import Stopped, StopSignals
@@ -73,6 +86,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
     With `stop`, the ranks agree after each batch whether one of them got SIGUSR1 or SIGTERM; if so,
     what is written to `partial_dir` stays and `Stopped` is raised.
     """
+    check_generation(recipe.eval, model, synced_gpus)
     done = read_partial(partial_dir) if partial_dir is not None else {}
     distributed.barrier()  # every rank has read what is done before any rank appends to it
     todo = [e for e in examples if e.id not in done]
@@ -90,6 +104,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
     from tqdm.auto import tqdm
 
     model.eval()
+    kwargs = generation_kwargs(recipe, tokenizer)
     results: list[Prediction] = []
     fitting = [recipe.eval.batch_size]  # rows per generate call: halved on out-of-memory, for the rest of the run
     for call in tqdm(range(calls), desc="generate", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
@@ -105,8 +120,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
         input_ids = pad(rows, tokenizer.pad_token_id, left=left).to(device)
         attention_mask = pad([[1] * len(r) for r in rows], 0, left=left).to(device)
         with autocast():
-            output = generate_fitting(model, input_ids, attention_mask, generation_kwargs(recipe, tokenizer),
-                                      synced_gpus, fitting)
+            output = generate_fitting(model, input_ids, attention_mask, kwargs, synced_gpus, fitting)
         if repeat:
             continue
         if left:
@@ -173,7 +187,37 @@ def generation_kwargs(recipe: Recipe, tokenizer) -> dict:
         kwargs.update(temperature=e.temperature, top_p=e.top_p)
     if e.no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = e.no_repeat_ngram_size
-    return kwargs
+    return {**kwargs, **cache_kwargs(e)}
+
+
+def cache_kwargs(e: EvalConfig) -> dict:
+    """`eval.cache` and `eval.compile` as `generate` takes them."""
+    if e.cache == "dynamic":
+        return {}
+    if not e.compile:
+        return {"cache_implementation": "static", "disable_compile": True}  # else CUDA compiles it anyway
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # else only CUDA-like devices compile
+    return {"cache_implementation": "static", "compile_config": compile_config}
+
+
+def check_generation(e: EvalConfig, model, synced_gpus: bool) -> None:
+    """Refuse what `generate` would fail at, or silently not do, with `eval.cache` and `eval.compile`."""
+    # transformers marks no static-cache support; its own tests take this flag for it.
+    if e.cache == "static" and not getattr(model, "_can_compile_fullgraph", False):
+        name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+        raise RecipeError(f"eval.cache: static: {name} does not support a static KV cache; use eval.cache: dynamic")
+    if not e.compile:
+        return
+    if synced_gpus:
+        raise RecipeError("eval.compile: not under ZeRO-3, as torch.compile does not reliably trace the hooks that "
+                          "gather its sharded weights; set eval.compile: false (eval.cache: static works there)")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        raise RecipeError("eval.compile: transformers does not compile this quantized base (it would generate "
+                          "uncompiled); set eval.compile: false")
 
 
 def strip_padding(tokens: list[int], tokenizer) -> list[int]:

@@ -42,6 +42,18 @@ def score_matrix(predictions: Sequence[str], references: Sequence[Sequence[str]]
     return out
 
 
+def spread_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], rank: int,
+                  world: int) -> list[np.ndarray]:
+    """One process's share of `score_matrix`: dialogues rank, rank + world, rank + 2 * world, ..."""
+    return score_matrix(predictions[rank::world], references[rank::world])
+
+
+def interleave(shares: Sequence[Sequence]) -> list:
+    """The shares of `spread_scores` from every rank, in rank order, back in dataset order."""
+    world = len(shares)
+    return [shares[i % world][i // world] for i in range(sum(map(len, shares)))]
+
+
 def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]], *, seed: int = 0) -> dict:
     """The metrics object of `metrics.json` and `dsum score`: primary ROUGE, variants, intervals, n."""
     started = time.perf_counter()

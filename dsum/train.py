@@ -26,6 +26,7 @@ from dsum.config import Recipe, RecipeError, RunError, TrainConfig
 from dsum.data import Example, load_split
 from dsum.features import (IGNORE_INDEX, Collator, Featurizer, feature_tokens, num_processed_tokens,
                            num_real_tokens, num_target_tokens)
+from dsum.generate import check_generation
 from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, materialize_base,
                            model_config)
@@ -96,6 +97,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         with distributed.main_first(), zero3_init_disabled(accelerator):
             source = materialize_base(recipe, config, output_dir).resolve()
     model = load_model(recipe, source)
+    if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
+        check_generation(recipe.eval, model, synced_gpus=distributed.zero3(accelerator))
     if distributed.is_main():
         print(describe_parameters(model), flush=True)
     plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in train_features], world_size, rank)
@@ -273,16 +276,18 @@ def validate(model, tokenizer, examples, features, collate, recipe: Recipe, acce
     """Validation loss, and ROUGE on the first eval.validation_samples dialogues with the evaluation's generator."""
     record = {"validation_loss": validation_loss(model, features, collate, recipe, accelerator)}
     if recipe.eval.validation_samples:
+        from dsum.evaluate import spread_score_matrix
         from dsum.generate import generate_predictions
-        from dsum.scoring import ROUGE_KEYS, rouge
+        from dsum.scoring import ROUGE_KEYS, rouge_from_matrix
 
-        zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
         predictions = generate_predictions(recipe, accelerator.unwrap_model(model), tokenizer,
                                            examples[: recipe.eval.validation_samples], accelerator.device,
-                                           synced_gpus=zero3, autocast=accelerator.autocast)
+                                           synced_gpus=distributed.zero3(accelerator),
+                                           autocast=accelerator.autocast)
         model.train()
+        matrix = spread_score_matrix(predictions)
         if distributed.is_main():  # the others' records are never written
-            scores = rouge([p.prediction for p in predictions], [p.references for p in predictions])
+            scores = rouge_from_matrix(matrix)
             record.update({f"validation_{key}": scores[key] for key in ROUGE_KEYS})
     return record
 

@@ -1,5 +1,6 @@
-"""`dsum eval`: the same predictions with 1, 2 or 3 processes and under ZeRO-3, deduplicated
-references, and an interrupted evaluation that resumes without regenerating."""
+"""`dsum eval`: the same predictions and metrics with 1, 2 or 3 processes and under ZeRO-3, deduplicated
+references, an interrupted evaluation that resumes without regenerating, and a static or compiled KV
+cache that changes nothing but speed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny
+from dsum.scoring import ROUGE_KEYS
 from dsum.train import train
 
 RECIPE = ROOT / "recipes" / "tiny" / "t5-full.yaml"
@@ -46,9 +48,13 @@ def test_same_predictions_with_1_2_and_3_processes(run_dir, tmp_path):
     rows = [json.loads(line) for line in outputs[1].decode().splitlines()]
     assert [r["id"] for r in rows] == [f"synthetic-test-{i:06d}" for i in range(7)]  # dataset order, none lost
     assert outputs[1] == outputs[2] == outputs[3]
-    metrics = json.loads((tmp_path / "p3" / "metrics.json").read_text())
-    assert metrics["n"] == 7 and metrics["world_size"] == 3
+    metrics = {n: json.loads((tmp_path / f"p{n}" / "metrics.json").read_text()) for n in (1, 2, 3)}
+    assert metrics[3]["n"] == 7 and metrics[3]["world_size"] == 3
     assert not (tmp_path / "p3" / "partial").exists()
+    # Each rank scored a share; gathered back in dataset order, the figures are those of one process, to the
+    # last digit (the bootstrap intervals would differ if the per-dialogue scores came back in another order).
+    figures = [*ROUGE_KEYS, "confidence_interval_95", "best_reference", "first_reference", "n", "references_per_dialogue"]
+    assert [{k: metrics[n][k] for k in figures} for n in (2, 3)] == [{k: metrics[1][k] for k in figures}] * 2
 
 
 def test_zero3_predictions_match_ddp(run_dir, tmp_path):
@@ -210,3 +216,99 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_predictions(tmp_path, caps
         model.generate = lambda **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
         with pytest.raises(RunError, match="out of memory generating 1 dialogue"):
             generate_predictions(recipe, model, tokenizer, examples, "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> dict[str, Path]:
+    """`final/` of the tiny T5 and Llama, briefly trained. T5 starts from wider weights: with the default
+    ones its greedy outputs are the same for every dialogue, which would make comparisons weak."""
+    finals = {}
+    for name in ("t5-full", "llama-full"):
+        recipe = tiny(name, tmp_path_factory.mktemp(name) / "run", "train.max_steps=4")
+        if name == "t5-full":
+            wide = {**recipe.model.architecture, "initializer_factor": 5.0}
+            recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"architecture": wide})})
+        finals[name] = train(recipe)
+    return finals
+
+
+def predict(final: Path, name: str, *overrides: str):
+    """Predictions for the test split in batches of 4 (prompts of mixed lengths; Llama's left-padded)."""
+    from dsum.data import load_split
+    from dsum.evaluate import load_for_eval
+    from dsum.generate import generate_predictions
+
+    recipe = tiny(name, final.parent, "eval.batch_size=4", "eval.max_new_tokens=10", *overrides)
+    model, tokenizer = load_for_eval(recipe, final)
+    return generate_predictions(recipe, model, tokenizer, load_split(recipe.data, "test"), "cpu")
+
+
+@pytest.mark.parametrize("name", ["t5-full", "llama-full"])
+def test_a_static_cache_gives_the_predictions_of_a_dynamic_one(tiny_pair, name):
+    from dsum.generate import plan_batches
+
+    dynamic = predict(tiny_pair[name], name, "data.synthetic.test_size=10")
+    assert predict(tiny_pair[name], name, "data.synthetic.test_size=10", "eval.cache=static") == dynamic
+    # What makes the comparison worth making: outputs that differ by dialogue, and padding in every batch.
+    assert len({p.prediction for p in dynamic}) >= 8
+    lengths = [p.prompt_tokens for p in dynamic]
+    assert all(len({lengths[i] for i in batch}) > 1 for batch in plan_batches(lengths, 4))
+
+
+def test_compiled_decoding_gives_the_predictions_of_a_dynamic_cache(tiny_pair, monkeypatch):
+    import torch
+
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(kwargs) or real_compile(fn, **kwargs))
+    settings = ["data.synthetic.test_size=8"]  # two batches of 4: one shape, compiled once (about 20 s on a CPU)
+    dynamic = predict(tiny_pair["llama-full"], "llama-full", *settings)
+    assert not compiled
+    assert predict(tiny_pair["llama-full"], "llama-full", *settings, "eval.cache=static", "eval.compile=true") == dynamic
+    assert len(compiled) == 1  # on a CPU, where transformers would not compile unasked
+    torch._dynamo.reset()
+
+
+def test_a_static_cache_is_compiled_only_when_asked_even_on_cuda(tiny_pair, monkeypatch):
+    import torch
+    from transformers import StaticCache
+
+    from dsum.evaluate import load_for_eval
+    from dsum.generate import generation_kwargs
+
+    name, final = "llama-full", tiny_pair["llama-full"]
+    model, tokenizer = load_for_eval(tiny(name, final.parent), final)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+
+    def compiles(*overrides: str) -> bool:
+        kwargs = generation_kwargs(tiny(name, final.parent, *overrides), tokenizer)
+        config, _ = model._prepare_generation_config(None, **kwargs)
+        return model._valid_auto_compile_criteria({"past_key_values": StaticCache(model.config, max_cache_len=8)},
+                                                  config)
+
+    assert not compiles("eval.cache=static")  # transformers alone would compile it on CUDA
+    assert compiles("eval.cache=static", "eval.compile=true")
+
+
+def test_what_generate_cannot_do_is_refused_before_generating(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM, LongT5Config, LongT5ForConditionalGeneration
+
+    from dsum.config import RecipeError
+    from dsum.generate import generate_predictions
+
+    def refusal(name: str, model, *overrides: str, synced_gpus: bool = False) -> str:
+        with pytest.raises(RecipeError) as err:
+            generate_predictions(tiny(name, tmp_path, *overrides), model, None, [], "cpu", synced_gpus=synced_gpus)
+        return str(err.value)
+
+    longt5 = LongT5ForConditionalGeneration(LongT5Config(d_model=16, d_ff=32, d_kv=4, num_heads=2, num_layers=1,
+                                                         vocab_size=64))
+    assert refusal("t5-full", longt5, "eval.cache=static") == (
+        "eval.cache: static: LongT5ForConditionalGeneration does not support a static KV cache; use eval.cache: dynamic")
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64))
+    compiled = ["eval.cache=static", "eval.compile=true"]
+    assert refusal("llama-full", llama, *compiled, synced_gpus=True).startswith("eval.compile: not under ZeRO-3")
+    llama.hf_quantizer = SimpleNamespace(is_compileable=False)
+    assert refusal("llama-full", llama, *compiled).startswith("eval.compile: transformers does not compile")

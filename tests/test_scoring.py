@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from dsum.scoring import ROUGE_KEYS, rouge, split_sentences
+from dsum.scoring import ROUGE_KEYS, interleave, rouge, rouge_from_matrix, score_matrix, split_sentences, spread_scores
 
 PREDICTIONS = ["Tom books a table for four at 7 pm.", "Mary buys two tickets to Paris. She pays by card.",
                "The man asks the way to the station."]
@@ -81,6 +81,24 @@ def test_one_reference_makes_the_variants_agree_and_identical_text_scores_one():
 
 def test_bootstrap_is_seeded():
     assert rouge(PREDICTIONS, REFERENCES)["confidence_interval_95"] == rouge(PREDICTIONS, REFERENCES)["confidence_interval_95"]
+
+
+def test_scores_spread_over_ranks_come_back_in_dataset_order():
+    import numpy as np
+
+    # 7 dialogues, each scoring differently (cut to different lengths), with 1 to 3 references.
+    predictions = [" ".join(p.split()[: 3 + i]) for i, p in enumerate(PREDICTIONS * 3)][:7]
+    references = (REFERENCES * 3)[:7]
+    whole = score_matrix(predictions, references)
+    for world in (1, 3, 10):  # 10 ranks: three of them score nothing
+        shares = [spread_scores(predictions, references, rank, world) for rank in range(world)]
+        assert sum(map(len, shares)) == 7 and max(map(len, shares)) - min(map(len, shares)) <= 1
+        merged = interleave(shares)
+        assert len(merged) == len(whole)
+        for ours, theirs in zip(merged, whole):
+            np.testing.assert_array_equal(ours, theirs)
+        assert rouge_from_matrix(merged) == rouge_from_matrix(whole)
+    assert rouge_from_matrix(whole[::-1]) != rouge_from_matrix(whole)  # the order matters: to the bootstrap
 
 
 def test_sentences_are_split_offline_for_rougelsum():

@@ -267,3 +267,10 @@ def test_model_flops_are_counted_from_the_layers_and_give_mfu_against_a_peak(tmp
     packed = Collator(tokenizer.pad_token_id, packed=True)([type("F", (), {"input_ids": [1] * n, "labels": [1] * n})()
                                                             for n in (5, 9)])
     assert FlopCounter(model).batch(packed) == pytest.approx(expected)
+
+
+def test_a_generation_setting_the_model_cannot_use_is_refused_before_training(tmp_path):
+    arch = "model.architecture={model_type: longt5, d_model: 32, d_ff: 64, num_layers: 1, num_heads: 2, d_kv: 16}"
+    with pytest.raises(RecipeError, match="eval.cache: static: LongT5ForConditionalGeneration does not support"):
+        train(tiny("t5-full", tmp_path / "run", arch, "eval.cache=static", "eval.after_training=true"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was taken
