@@ -7,6 +7,7 @@
     dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
     dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
     dsum demo [--output-dir DIR]
+    dsum bench [--device cpu|cuda] [--data DIR] [--json FILE] [--models A,B] [--train-steps N] ...
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2;
 a run that cannot go on (a non-finite loss, a failed save) prints one line and exits 1.
@@ -134,7 +135,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train and evaluate a tiny model on the synthetic corpus, offline, on a CPU")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo run goes (default: runs/demo)")
     demo.set_defaults(run=run_demo)
+
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub) -> None:
+    from dsum.bench import CPU_MODELS, CUDA_MODELS, CPU_SIZES, CUDA_SIZES
+
+    def per_device(name: str) -> str:
+        return f"cpu {getattr(CPU_SIZES, name)}, cuda {getattr(CUDA_SIZES, name)}"
+
+    bench = sub.add_parser(
+        "bench", help="time dsum's training and evaluation against the course notebook and the no_trainer example",
+        description="Train and evaluate the same random-init models three ways (the course notebook's Trainer, "
+                    "transformers' run_summarization_no_trainer, dsum) on DialogSum, and report real tokens/s, "
+                    "padding efficiency and dialogues/s. See BENCHMARKS.md.")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help=f"cpu: small models ({', '.join(m.name for m in CPU_MODELS)}), under 10 minutes on 2 cores; "
+                            f"cuda: {', '.join(m.name for m in CUDA_MODELS)}, bf16 (default: cpu)")
+    bench.add_argument("--data", type=Path, metavar="DIR",
+                       help="the DialogSum directory (train/validation/test .jsonl; default: $DSUM_DIALOGSUM_DIR)")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results, machine and command as JSON")
+    bench.add_argument("--models", metavar="A,B", help="comma-separated subset of the device's models (default: all)")
+    bench.add_argument("--train-steps", type=int, metavar="N",
+                       help=f"optimizer steps timed in each way, after the warm-up (default: {per_device('train_steps')})")
+    bench.add_argument("--eval-dialogues", type=int, metavar="N",
+                       help=f"the first N test dialogues, 3 flattened rows each (default: {per_device('eval_dialogues')})")
+    bench.add_argument("--notebook-rows", type=int, metavar="N",
+                       help="flattened rows the notebook way generates one at a time; its time is extrapolated to "
+                            f"all rows (default: {per_device('notebook_rows')})")
+    bench.add_argument("--workdir", type=Path, metavar="DIR",
+                       help="keep the random-init bases, tokenizer and runs here (default: a temporary directory)")
+    bench.set_defaults(run=run_bench)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +239,16 @@ def run_compare(args: argparse.Namespace) -> int:
 
     out = compare(args.runs, args.out, samples=args.samples)
     print(f"report: {out / 'report.html'} (also report.md, rouge.csv, changes.csv, samples.csv)")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from dsum.bench import BenchOptions, run_bench as bench
+
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip()) if args.models else None
+    bench(BenchOptions(device=args.device, data=args.data, json_path=args.json, models=models,
+                       train_steps=args.train_steps, eval_dialogues=args.eval_dialogues,
+                       notebook_rows=args.notebook_rows, workdir=args.workdir))
     return 0
 
 

@@ -1,0 +1,229 @@
+"""`dsum bench`: one tiny run on the real DialogSum files checks that the three ways are compared on
+the same data and counted alike, and that the reported ratios are the ratios of the reported rates;
+the GPU configurations are checked on the meta device. No speed goal is asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DIALOGSUM
+from dsum import bench
+from dsum.cli import main
+from dsum.features import Collator, Feature, num_processed_tokens, num_real_tokens
+
+needs_dialogsum = pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(), reason=f"no DialogSum in {DIALOGSUM}")
+
+# Tiny: 200 training dialogues, batches of 4, 1 warm-up step and 4 timed ones, 4 test dialogues.
+TRAIN_STEPS, EVAL_DIALOGUES, NOTEBOOK_ROWS, BATCH = 4, 4, 2, 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The bench on both CPU models with tiny sizes, through the command line; (results, stdout).
+
+    On one thread: where other work shares the 2 cores, two OpenMP threads stall on each other and
+    the run takes minutes instead of well under one."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    patch = pytest.MonkeyPatch()
+    patch.setitem(bench.SIZES, "cpu", replace(bench.CPU_SIZES, train_examples=200, warmup_steps=1))
+    models = tuple(replace(spec, recipe={**spec.recipe, "train": {**spec.recipe["train"], "per_device_batch_size": BATCH}})
+                   for spec in bench.CPU_MODELS)
+    patch.setitem(bench.MODELS, "cpu", models)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            status = main(["bench", "--data", str(DIALOGSUM), "--json", str(out / "bench.json"), "--models", "t5,llama",
+                           "--train-steps", str(TRAIN_STEPS), "--eval-dialogues", str(EVAL_DIALOGUES),
+                           "--notebook-rows", str(NOTEBOOK_ROWS), "--workdir", str(out / "work")])
+    finally:
+        patch.undo()
+        torch.set_num_threads(threads)
+        _reset_accelerate()
+    assert status == 0, stdout.getvalue()[-2000:]
+    return json.loads((out / "bench.json").read_text()), stdout.getvalue()
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@needs_dialogsum
+def test_every_figure_is_there_and_finite(run):
+    results, stdout = run
+    for key in bench.GOALS:
+        assert math.isfinite(results[key]) and results[key] > 0, key
+    assert set(results["models"]) == {"t5", "llama"}
+    for model in results["models"].values():
+        for way in bench.WAYS:
+            for value in (model["train"][way]["real_tokens_per_second"], model["train"][way]["padding_efficiency"],
+                          model["eval"][way]["dialogues_per_second"]):
+                assert math.isfinite(value) and value > 0
+    machine = results["machine"]
+    assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__
+    assert results["command"].startswith("dsum bench --device cpu --data ")
+    assert results["date"] and results["wall_seconds"] > 0
+    assert "t5 (seq2seq" in stdout and "llama (causal" in stdout and "total wall time" in stdout
+
+
+@needs_dialogsum
+def test_the_ratios_are_the_ratios_of_the_rates(run):
+    results, _ = run
+    for model in results["models"].values():
+        train = {way: model["train"][way]["real_tokens_per_second"] for way in bench.WAYS}
+        speed = {way: model["eval"][way]["dialogues_per_second"] for way in bench.WAYS}
+        ratios = model["ratios"]
+        assert ratios["train_speedup_vs_notebook"] == pytest.approx(train["dsum"] / train["notebook"])
+        assert ratios["train_speedup_vs_no_trainer"] == pytest.approx(train["dsum"] / train["no_trainer"])
+        assert ratios["eval_speedup_vs_notebook"] == pytest.approx(speed["dsum"] / speed["notebook"])
+        assert ratios["eval_speedup_vs_no_trainer"] == pytest.approx(speed["dsum"] / speed["no_trainer"])
+        for way in bench.WAYS:
+            record = model["train"][way]
+            assert record["real_tokens_per_second"] == pytest.approx(record["real_tokens"] / record["seconds"])
+    for key in bench.GOALS:  # the top-level figure is the conservative one: the minimum over models
+        assert results[key] == pytest.approx(min(m["ratios"][key] for m in results["models"].values()))
+
+
+@needs_dialogsum
+def test_the_ways_train_on_the_same_data_for_the_same_steps(run):
+    results, _ = run
+    for name, model in results["models"].items():
+        train = model["train"]
+        assert {train[way]["dataset_examples"] for way in bench.WAYS} == {200}, name
+        # The notebook's padded rows and the no_trainer features hold the same real tokens.
+        assert train["notebook"]["dataset_real_tokens"] == train["no_trainer"]["dataset_real_tokens"]
+        assert {train[way]["steps"] for way in bench.WAYS} == {TRAIN_STEPS}
+        assert train["notebook"]["rows"] == train["no_trainer"]["rows"] == TRAIN_STEPS * BATCH
+        assert model["batch_size"] == BATCH
+
+
+@needs_dialogsum
+def test_padding_is_what_each_way_does(run):
+    results, _ = run
+    sizes = bench.CPU_SIZES
+    for name, model in results["models"].items():
+        notebook, no_trainer, dsum = (model["train"][way] for way in bench.WAYS)
+        # max_length padding: every row is 512 wide, and a T5 row's labels too; a causal row 512 + 128.
+        width = 2 * sizes.max_source_length if model["family"] == "seq2seq" else (
+            sizes.max_source_length + sizes.max_target_length)
+        assert notebook["processed_tokens"] == notebook["rows"] * width, name
+        assert notebook["padding_efficiency"] < 0.5, name
+        assert notebook["padding_efficiency"] < no_trainer["padding_efficiency"] < 1.0, name
+        assert dsum["padding_efficiency"] >= 0.9, name
+        assert model["ratios"]["padding_efficiency"] == dsum["padding_efficiency"]
+
+
+@needs_dialogsum
+def test_the_ways_generate_the_same_for_the_same_dialogues(run):
+    results, stdout = run
+    for name, model in results["models"].items():
+        evaluation = model["eval"]
+        assert {evaluation[way]["dialogues"] for way in bench.WAYS} == {EVAL_DIALOGUES}
+        # The flattened split: one row per reference, 3 per DialogSum test dialogue; dsum generates each once.
+        assert evaluation["notebook"]["rows"] == evaluation["no_trainer"]["rows"] == 3 * EVAL_DIALOGUES
+        assert evaluation["dsum"]["rows"] == EVAL_DIALOGUES
+        assert evaluation["no_trainer"]["rows_timed"] == 3 * EVAL_DIALOGUES and evaluation["notebook"]["batch_size"] == 1
+        notebook = evaluation["notebook"]
+        assert notebook["extrapolated"] and notebook["rows_timed"] == NOTEBOOK_ROWS
+        assert notebook["seconds"] == pytest.approx(notebook["seconds_timed"] * notebook["rows"] / NOTEBOOK_ROWS)
+        lengths = [evaluation[way]["mean_new_tokens"] for way in bench.WAYS]
+        assert max(lengths) - min(lengths) <= 1.0, (name, lengths)  # the same work per row in every way
+        assert max(lengths) <= bench.CPU_SIZES.max_new_tokens
+    assert "extrapolated" in stdout
+
+
+def test_token_counts_use_dsum_definitions():
+    """The notebook and no_trainer batches are counted as dsum counts its own."""
+    features = [Feature([5, 6, 7, 1], [8, 9, 1]), Feature([5, 1], [8, 9, 10, 11, 1])]
+    seq2seq = Collator(pad_token_id=0, decoder_start_token_id=0)(features)
+    assert bench.token_counts(seq2seq, "seq2seq") == (num_real_tokens(seq2seq), num_processed_tokens(seq2seq))
+    causal = Collator(pad_token_id=0)([Feature([3, 5, 6, 8, 1], [-100, -100, -100, 8, 1]), Feature([3, 5], [-100, 5])])
+    assert bench.token_counts(causal, "causal") == (num_real_tokens(causal), num_processed_tokens(causal))
+    assert bench.feature_real_tokens(features, "seq2seq") == num_real_tokens(seq2seq)
+    rows = bench.notebook_dataset(features, "seq2seq", 0, bench.CPU_SIZES)
+    assert sum(bench.token_counts(bench.stack([r]), "seq2seq")[0] for r in rows) == num_real_tokens(seq2seq)
+
+
+def test_dsum_window_is_read_from_its_metrics(tmp_path):
+    """Warm-up 2, timed 4, a record every 2 steps: the window is the last two records."""
+    records = [{"step": 2, "tokens_per_second": 50.0, "processed_tokens_per_second": 100.0, "elapsed_seconds": 3.0},
+               {"step": 4, "tokens_per_second": 100.0, "processed_tokens_per_second": 110.0, "elapsed_seconds": 5.0},
+               {"step": 6, "tokens_per_second": 300.0, "processed_tokens_per_second": 310.0, "elapsed_seconds": 6.0},
+               {"step": 6, "validation_loss": 1.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    sizes = replace(bench.CPU_SIZES, warmup_steps=2, train_steps=4)
+    assert bench.read_dsum_window(path, sizes) == (3.0, 100 * 2 + 300 * 1, 110 * 2 + 310 * 1)
+
+
+def test_gpu_architectures_have_the_real_parameter_counts():
+    """flan-t5-base ~248M, flan-t5-large ~783M, Llama-2-7B ~6.74B, built on the meta device."""
+    from transformers import AutoConfig
+
+    for spec in bench.CUDA_MODELS:
+        arch = dict(spec.architecture)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        assert bench.parameter_count(bench.build_model(spec, config, meta=True)) == spec.parameters, spec.name
+    assert [round(spec.parameters / 1e6) for spec in bench.CUDA_MODELS] == [248, 783, 6738, 6738]
+
+
+def test_gpu_recipes_take_their_settings_from_recipes(tmp_path):
+    """Everything before the GPU: each spec's recipes/ file combines with the bench's settings and
+    dsum's speed switches into a valid recipe."""
+    for spec in bench.CUDA_MODELS:
+        family = bench.recipe_settings(spec)["model"]["family"]
+        speed = {k: 1024 if v == bench.TOKEN_BUDGET else v for k, v in bench.DSUM_SPEED[family].items()}
+        recipe = bench.bench_recipe(spec, bench.CUDA_SIZES, model_source={"name_or_path": str(tmp_path / "base")},
+                                    tokenizer_dir=tmp_path / "tokenizer", data_dir=tmp_path, output_dir=tmp_path / "run",
+                                    speed=speed)
+        assert recipe.train.mixed_precision == "bf16" and recipe.train.optimizer == "adamw"
+        assert recipe.train.max_steps == bench.CUDA_SIZES.warmup_steps + bench.CUDA_SIZES.train_steps
+        assert recipe.adapter.method == {"flan-t5-base": "none", "flan-t5-large": "none", "llama-2-7b-lora": "lora",
+                                         "llama-2-7b-qlora": "qlora"}[spec.name]
+        assert recipe.tokenizer.max_source_length == 512 and recipe.tokenizer.max_target_length == 128
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda", "--data", str(DIALOGSUM)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsum: error: --device cuda:"), err
+
+
+def test_unknown_model_is_a_one_line_error(capsys, tmp_path):
+    assert main(["bench", "--models", "t5,gpt2", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dsum: error: --models: gpt2 not benched on cpu; choose from t5, llama"]
+
+
+def test_help_lists_the_quick_run_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--device", "--data", "--json", "--models", "--train-steps", "--eval-dialogues", "--notebook-rows"):
+        assert option in text
+
+
+def test_options_below_one_are_refused(tmp_path):
+    with pytest.raises(Exception, match="--train-steps: must be at least 1"):
+        bench.BenchOptions(data=tmp_path, train_steps=0).sizes()
+
+
+def test_sizes_fit_the_recorded_command():
+    options = bench.BenchOptions(data=Path("/data/dialogsum"), json_path=Path("bench.json"), train_steps=3)
+    assert options.command() == "dsum bench --device cpu --data /data/dialogsum --json bench.json --train-steps 3"
+    assert options.sizes().train_steps == 3 and options.sizes().eval_dialogues == bench.CPU_SIZES.eval_dialogues
