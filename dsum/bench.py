@@ -70,7 +70,7 @@ class Sizes:
 
 # 2 cores, under 10 minutes for everything (about 4 on a quiet machine): small models, 2,000 training
 # dialogues, all 500 test dialogues.
-CPU_SIZES = Sizes(train_examples=2000, warmup_steps=2, train_steps=8, eval_dialogues=500, notebook_rows=32,
+CPU_SIZES = Sizes(train_examples=2000, warmup_steps=2, train_steps=16, eval_dialogues=500, notebook_rows=128,
                   dsum_eval_batch=64, max_new_tokens=32, eval_dtype="float32")
 # One GPU: the whole training split and all 500 test dialogues (1,500 flattened rows).
 CUDA_SIZES = Sizes(train_examples=None, warmup_steps=3, train_steps=20, eval_dialogues=500, notebook_rows=60,
