@@ -549,16 +549,10 @@ class TrainSpeed:
 
 
 def token_counts(batch: dict, family: str) -> tuple[int, int]:
-    """(real, processed) tokens of a padded training batch, as dsum.features counts them: real are the
-    attended input tokens plus, for seq2seq, the target tokens (labels not -100); processed are the
-    positions the encoder and the decoder compute (the decoder's are the labels' width)."""
-    from dsum.features import IGNORE_INDEX
+    """(real, processed) tokens of a training batch, by dsum's own definitions (dsum.features)."""
+    from dsum.features import num_processed_tokens, num_real_tokens
 
-    real, processed = int(batch["attention_mask"].sum()), batch["input_ids"].numel()
-    if family == "seq2seq":
-        real += int((batch["labels"] != IGNORE_INDEX).sum())
-        processed += batch["labels"].numel()
-    return real, processed
+    return num_real_tokens(batch, family), num_processed_tokens(batch, family)
 
 
 def feature_real_tokens(features: Sequence, family: str) -> int:

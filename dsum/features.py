@@ -171,19 +171,20 @@ def num_target_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-def num_processed_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Token positions the model computes, padding included (the denominator of padding efficiency)."""
+def num_processed_tokens(batch: dict[str, torch.Tensor], family: str) -> int:
+    """Token positions the model computes, padding included (the denominator of padding efficiency):
+    the decoder of a seq2seq model computes as many as the labels are wide."""
     processed = batch["input_ids"].numel()
-    if "decoder_input_ids" in batch:
-        processed += batch["decoder_input_ids"].numel()
+    if family == "seq2seq":
+        processed += batch["labels"].numel()
     return processed
 
 
-def num_real_tokens(batch: dict[str, torch.Tensor]) -> int:
+def num_real_tokens(batch: dict[str, torch.Tensor], family: str) -> int:
     """Non-padding tokens processed: encoder and decoder tokens for seq2seq, the one row for causal."""
     if "attention_mask" not in batch:  # packed: no padding
         return batch["input_ids"].numel()
     real = int(batch["attention_mask"].sum())
-    if "decoder_input_ids" in batch:
+    if family == "seq2seq":
         real += int((batch["labels"] != IGNORE_INDEX).sum())
     return real

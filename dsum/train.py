@@ -128,7 +128,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
     model.train()
-    window_log = LogWindow(accelerator.device, FlopCounter(accelerator.unwrap_model(model)),
+    window_log = LogWindow(accelerator.device, recipe.model.family, FlopCounter(accelerator.unwrap_model(model)),
                            state.get("log_window") if resume is not None else None)
     peak_flops = device_peak_flops(accelerator.device)
     guard = NonFiniteGuard(cfg.on_nonfinite_loss, accelerator.device, state.get("skipped_steps", 0))
@@ -440,9 +440,10 @@ class LogWindow:
     micro-batch); a checkpoint carries the window's totals, so a resumed run logs what an
     uninterrupted one would."""
 
-    def __init__(self, device: torch.device, flop_counter: FlopCounter, saved: list[float] | None = None):
+    def __init__(self, device: torch.device, family: str, flop_counter: FlopCounter,
+                 saved: list[float] | None = None):
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.flop_counter = flop_counter
+        self.family, self.flop_counter = family, flop_counter
         self.reset()
         if saved and distributed.is_main():  # the saved totals are over all ranks: count them once
             self.loss += saved[0]
@@ -453,8 +454,8 @@ class LogWindow:
     def add(self, window_loss: torch.Tensor, targets: int, batches: list[dict[str, torch.Tensor]]) -> None:
         self.loss += window_loss
         self.targets += targets
-        self.real_tokens += sum(num_real_tokens(b) for b in batches)
-        self.processed += sum(num_processed_tokens(b) for b in batches)
+        self.real_tokens += sum(num_real_tokens(b, self.family) for b in batches)
+        self.processed += sum(num_processed_tokens(b, self.family) for b in batches)
         self.flops += sum(self.flop_counter.batch(b) for b in batches)
 
     def totals(self) -> list[float]:

@@ -150,12 +150,14 @@ def test_token_counts_use_dsum_definitions():
     """The notebook and no_trainer batches are counted as dsum counts its own."""
     features = [Feature([5, 6, 7, 1], [8, 9, 1]), Feature([5, 1], [8, 9, 10, 11, 1])]
     seq2seq = Collator(pad_token_id=0, decoder_start_token_id=0)(features)
-    assert bench.token_counts(seq2seq, "seq2seq") == (num_real_tokens(seq2seq), num_processed_tokens(seq2seq))
+    assert bench.token_counts(seq2seq, "seq2seq") == (num_real_tokens(seq2seq, "seq2seq"),
+                                                      num_processed_tokens(seq2seq, "seq2seq"))
     causal = Collator(pad_token_id=0)([Feature([3, 5, 6, 8, 1], [-100, -100, -100, 8, 1]), Feature([3, 5], [-100, 5])])
-    assert bench.token_counts(causal, "causal") == (num_real_tokens(causal), num_processed_tokens(causal))
-    assert bench.feature_real_tokens(features, "seq2seq") == num_real_tokens(seq2seq)
+    assert bench.token_counts(causal, "causal") == (num_real_tokens(causal, "causal"),
+                                                    num_processed_tokens(causal, "causal"))
+    assert bench.feature_real_tokens(features, "seq2seq") == num_real_tokens(seq2seq, "seq2seq")
     rows = bench.notebook_dataset(features, "seq2seq", 0, bench.CPU_SIZES)
-    assert sum(bench.token_counts(bench.stack([r]), "seq2seq")[0] for r in rows) == num_real_tokens(seq2seq)
+    assert sum(bench.token_counts(bench.stack([r]), "seq2seq")[0] for r in rows) == num_real_tokens(seq2seq, "seq2seq")
 
 
 def test_dsum_window_is_read_from_its_metrics(tmp_path):
