@@ -14,8 +14,8 @@ in halves, and the smaller size is kept for the rest (not under ZeRO-3, whose ra
 `eval.cache: static` allocates each batch's KV cache at its full length up front instead of growing
 it token by token; the predictions are the same. transformers compiles the decoding step of a static
 cache by itself, but only on CUDA: here `eval.compile` alone decides, on any device. The first batch
-waits for compilation (about 20 s for a tiny model on a CPU), and new shapes compile again (a smaller
-last batch, a seq2seq batch's prompt length) until torch.compile takes the size as variable.
+waits for compilation, and new shapes compile again (a smaller last batch, a seq2seq batch's prompt
+length) until torch.compile takes the size as variable.
 Refused before anything is generated (and by `dsum train` before it trains, when it will generate):
 a static cache for a model class that transformers does not mark as compilable (the mark its own
 tests take for static-cache support), compiling a quantized base (transformers would silently not),
