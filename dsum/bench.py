@@ -136,8 +136,8 @@ TOKEN_BUDGET = "batch size x mean example tokens"
 DSUM_SPEED: dict[str, dict[str, Any]] = {
     "seq2seq": {"group_by_length": True, "max_tokens_per_batch": TOKEN_BUDGET},
     # Not train.packing: without flash attention (not installed with dsum) the packed row's mask spans
-    # the whole row, and attention costs as if it were one sequence. Measured on the CPU: packed 0.99x
-    # the no_trainer way, length-grouped 1.15x.
+    # the whole row, and attention costs as if it were one sequence. Measured on the CPU (one run each):
+    # packed 1.71x the no_trainer way, length-grouped 3.72x.
     "causal": {"group_by_length": True, "max_tokens_per_batch": TOKEN_BUDGET},
 }
 
@@ -473,18 +473,35 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
 
 def run_way(label: str, run, device: str, seed: int):
     """Run one way from a clean state, with its progress line. On a CPU it also notes the share of the
-    cores the process got: well under 1 means other work on the machine slowed this way down."""
+    cores the process got, and the share of the machine's cores other processes took meanwhile (where
+    the system tells it): the second is what says that other work slowed this way down, since the
+    first also falls with the way's own single-threaded work (dsum's setup inside its phase)."""
     import torch
 
     with phase(label) as note:
         fresh_state(seed)
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, wall, machine = time.process_time(), time.perf_counter(), machine_cpu_seconds()
         result = run()
         if device == "cpu":
-            result.cpu_share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            result.cpu_share = cpu / (wall * torch.get_num_threads())
+            if machine is not None:
+                others = machine_cpu_seconds() - machine - cpu
+                result.other_cpu_share = max(others, 0.0) / (wall * (os.cpu_count() or 1))
         note(result.describe())
     free_memory()
     return result
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds every process has used since boot, and that the hypervisor has given to other
+    machines (steal), from Linux's /proc/stat; None elsewhere."""
+    try:
+        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle, iowait; the rest: user, nice, system, irq, softirq, steal
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_state(seed: int) -> None:
@@ -529,6 +546,7 @@ class TrainSpeed:
     rows: int | None = None  # rows (examples) in the timed steps, where the way shows them
     settings: dict[str, Any] = field(default_factory=dict)
     cpu_share: float | None = None  # see run_way
+    other_cpu_share: float | None = None
 
     @property
     def real_tokens_per_second(self) -> float:
@@ -545,7 +563,7 @@ class TrainSpeed:
 
     def describe(self) -> str:
         return (f"{self.real_tokens_per_second:,.0f} real tokens/s over {self.steps} steps, padding efficiency "
-                f"{self.padding_efficiency:.2f}{busy(self.cpu_share)}")
+                f"{self.padding_efficiency:.2f}{busy(self)}")
 
 
 def token_counts(batch: dict, family: str) -> tuple[int, int]:
@@ -763,6 +781,7 @@ class EvalSpeed:
     seconds_timed: float
     mean_new_tokens: float  # tokens generated a row: equal across ways, or the comparison is unfair
     cpu_share: float | None = None  # see run_way
+    other_cpu_share: float | None = None
 
     @property
     def extrapolated(self) -> bool:
@@ -784,16 +803,20 @@ class EvalSpeed:
     def describe(self) -> str:
         timed = (f", timed on {self.rows_timed} of {self.rows} rows and extrapolated" if self.extrapolated else "")
         return (f"{self.dialogues_per_second:.2f} dialogues/s ({self.rows} generations of {self.mean_new_tokens:.1f} "
-                f"tokens, batch {self.batch_size}{timed}){busy(self.cpu_share)}")
+                f"tokens, batch {self.batch_size}{timed}){busy(self)}")
 
 
-BUSY = 0.8  # a CPU share below this: other work on the machine slowed the way down
+BUSY = 0.8  # a CPU share below this: other work on the machine may have slowed the way down
+OTHERS_BUSY = 0.1  # other processes' share of the cores above this: it did
 
 
-def busy(cpu_share: float | None) -> str:
-    if cpu_share is None:
+def busy(speed: TrainSpeed | EvalSpeed) -> str:
+    if speed.cpu_share is None:
         return ""
-    return f"; cpu share {cpu_share:.2f}" + (" (the machine was busy)" if cpu_share < BUSY else "")
+    if speed.other_cpu_share is None:  # no system-wide figure: the process's own share has to tell
+        return f"; cpu share {speed.cpu_share:.2f}" + (" (the machine was busy)" if speed.cpu_share < BUSY else "")
+    return (f"; cpu share {speed.cpu_share:.2f}, other processes {speed.other_cpu_share:.2f}"
+            + (" (the machine was busy)" if speed.other_cpu_share > OTHERS_BUSY else ""))
 
 
 def eval_model(recipe: Recipe, base: Path, sizes: Sizes, device: str):
@@ -1000,9 +1023,14 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"machine: {results['machine']['cpu']}, {results['machine']['cpu_cores']} cores, torch "
                  f"{results['machine']['torch']}{', ' + results['machine']['gpu'] if 'gpu' in results['machine'] else ''}"
                  f"; load average before {results['machine']['load_average_before'][0]:.2f}")
-    shares = [m[part][way]["cpu_share"] for m in results["models"].values() for part in ("train", "eval")
-              for way in WAYS if m[part][way]["cpu_share"] is not None]
-    if shares and min(shares) < BUSY:
+    speeds = [m[part][way] for m in results["models"].values() for part in ("train", "eval") for way in WAYS]
+    others = [s["other_cpu_share"] for s in speeds if s["other_cpu_share"] is not None]
+    shares = [s["cpu_share"] for s in speeds if s["cpu_share"] is not None]
+    if others and max(others) > OTHERS_BUSY:
+        lines.append(f"warning: other processes took up to {max(others):.2f} of the machine's cores during a phase: "
+                     "they slowed some ways more than others, so the ratios are not reliable; rerun on a quiet machine "
+                     "(on a shared one, OMP_NUM_THREADS=1 is steadier)")
+    elif not others and shares and min(shares) < BUSY:
         lines.append(f"warning: this process got as little as {min(shares):.2f} of its {results['machine']['torch_threads']} "
                      "threads' time: other work on the machine slowed some ways more than others, so the ratios are "
                      "not reliable; rerun on a quiet machine (on a shared one, OMP_NUM_THREADS=1 is steadier)")

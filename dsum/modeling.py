@@ -155,6 +155,27 @@ def check_packing(recipe: Recipe, config: Any) -> None:
                           "position_ids); set train.packing: false and use train.group_by_length")
 
 
+def logits_for_targets_only(model) -> bool:
+    """Whether a causal model can run its output head on the target positions alone: its forward takes
+    a boolean mask in `logits_to_keep` (transformers' `slice_logits_to_keep`). The loss is the same;
+    the head's FLOPs over the prompt and their logits' memory are saved."""
+    import inspect
+    import sys
+
+    if model.config.is_encoder_decoder:  # the decoder only ever sees the targets
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        masked = slice_logits_to_keep(torch.zeros(1, 2, 1), torch.tensor([[False, True]])).shape == (1, 1)
+    except (ImportError, IndexError, RuntimeError):  # a transformers without boolean masks
+        return False
+    forward = type(base).forward
+    return (masked and "logits_to_keep" in inspect.signature(forward).parameters
+            and vars(sys.modules[forward.__module__]).get("slice_logits_to_keep") is slice_logits_to_keep)
+
+
 def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
     """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there."""
     from transformers import set_seed

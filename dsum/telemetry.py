@@ -100,15 +100,20 @@ class FlopCounter:
     2N for the gradient of the weights when they train: 6N for full fine-tuning, 4N + 2N_trainable
     for an adapter on a frozen base. Attention adds, per layer, 4 d T_q T_k forward (scores and their
     use) and twice that backward, counted over whole sequences as usual. Encoder tokens go through
-    the encoder's matmuls, decoder and causal tokens through the decoder's and the output head.
+    the encoder's matmuls, decoder and causal tokens through the decoder's, and the output head runs
+    at the target tokens only: the loss needs no more (and a causal prompt's logits are not computed
+    where the model allows, see `TokenLoss`).
     """
 
     def __init__(self, model):
-        self.weights = {"encoder": [0, 0], "decoder": [0, 0]}  # [all, trainable] matmul weights per stack
+        self.weights = {stack: [0, 0] for stack in ("encoder", "decoder", "head")}  # [all, trainable] matmul weights
+        head = model.get_output_embeddings()
+        head_parts = {id(part) for part in head.modules()} if head is not None else set()
         for name, module in model.named_modules():
             linear = all(hasattr(module, a) for a in ("in_features", "out_features", "weight"))
             if linear and not hasattr(module, "base_layer"):  # an adapter's wrapper: its parts count instead
-                stack = "encoder" if "encoder" in name.split(".") else "decoder"
+                stack = ("head" if id(module) in head_parts
+                         else "encoder" if "encoder" in name.split(".") else "decoder")
                 size = module.in_features * module.out_features  # the true shape, also under ZeRO-3 or 4 bits
                 self.weights[stack][0] += size
                 self.weights[stack][1] += size if module.weight.requires_grad else 0
@@ -126,14 +131,16 @@ class FlopCounter:
 
     def batch(self, batch: dict[str, torch.Tensor]) -> float:
         attention = 3 * 4 * self.attention_width  # forward and backward, per layer and per query-key pair
+        targets = float((batch["labels"] != -100).sum()) * self.per_token("head")
         if "decoder_input_ids" in batch:
             source = batch["attention_mask"].sum(dim=1).double()
             target = (batch["labels"] != -100).sum(dim=1).double()
             return float(source.sum() * self.per_token("encoder") + target.sum() * self.per_token("decoder")
-                         + attention * (self.encoder_layers * (source**2).sum()
-                                        + self.decoder_layers * (target**2 + target * source).sum()))
+                         + targets + attention * (self.encoder_layers * (source**2).sum()
+                                                  + self.decoder_layers * (target**2 + target * source).sum()))
         lengths = sequence_lengths(batch).double()
-        return float(lengths.sum() * self.per_token("decoder") + attention * self.decoder_layers * (lengths**2).sum())
+        return float(lengths.sum() * self.per_token("decoder") + targets
+                     + attention * self.decoder_layers * (lengths**2).sum())
 
 
 def sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -28,8 +28,8 @@ from dsum.features import (IGNORE_INDEX, Collator, Featurizer, feature_tokens, n
                            num_real_tokens, num_target_tokens)
 from dsum.generate import check_generation
 from dsum.preemption import StopSignals, Stopped
-from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, materialize_base,
-                           model_config)
+from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, logits_for_targets_only,
+                           materialize_base, model_config)
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
 from dsum.telemetry import FlopCounter, StepClock, device_peak_flops
 
@@ -97,13 +97,14 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         with distributed.main_first(), zero3_init_disabled(accelerator):
             source = materialize_base(recipe, config, output_dir).resolve()
     model = load_model(recipe, source)
+    token_loss = TokenLoss(recipe.model.family, targets_only=logits_for_targets_only(model))
     if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
         check_generation(recipe.eval, model, synced_gpus=distributed.zero3(accelerator))
     if distributed.is_main():
         print(describe_parameters(model), flush=True)
     plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in train_features], world_size, rank)
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, accelerator.device)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -157,7 +158,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             clock.lap("data")
             with accelerator.accumulate(model):
-                loss_sum = faults.poisoned(token_loss_sum(model, batch, recipe.model.family, cfg.label_smoothing),
+                loss_sum = faults.poisoned(token_loss(model, batch, cfg.label_smoothing),
                                            "train.loss", step + 1)
                 accelerator.backward(loss_sum * scale)
                 window_loss += loss_sum.detach().double()
@@ -207,7 +208,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             last_log = now
 
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-            record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
+            record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
             metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
             trackers.log(record, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
@@ -222,7 +223,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                           stop.received)
 
     # ---- save ------------------------------------------------------------------------------
-    record = validate(model, tokenizer, val_examples, val_features, collate, recipe, accelerator)
+    record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
     metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
     trackers.log(record, step)
     final = checkpoint.save_final(accelerator, model, tokenizer, output_dir)
@@ -256,25 +257,43 @@ def stop_after_signal(accelerator, output_dir: Path, state: dict[str, Any], cfg:
     raise Stopped(f"stopped on {reason} at step {step}; {saved}")
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], family: str, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy summed over the batch's target tokens (the caller divides by the window's count)."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    if family == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-        label_smoothing=label_smoothing,
-    )
+class TokenLoss:
+    """Cross-entropy summed over a batch's target tokens (the caller divides by the window's count).
+
+    `targets_only` (causal models whose forward takes a boolean mask in `logits_to_keep`): the output
+    head runs only at the positions that predict a target, not over the prompt. The loss is the same;
+    the head's FLOPs there are saved, and so is the memory of their logits (131 MB in fp32 for one
+    1,024-token row of a 32,000-token vocabulary).
+    """
+
+    def __init__(self, family: str, targets_only: bool = False):
+        self.family, self.targets_only = family, targets_only
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.family == "causal":
+            labels = labels[:, 1:]  # position t predicts token t + 1
+            if self.targets_only:
+                keep = labels != IGNORE_INDEX
+                inputs["logits_to_keep"] = F.pad(keep, (0, 1))  # logits come back flat: one row per target
+                labels = labels[keep]
+        logits = model(**inputs, use_cache=False).logits
+        if self.family == "causal" and not self.targets_only:
+            logits = logits[:, :-1]
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+            label_smoothing=label_smoothing,
+        )
 
 
-def validate(model, tokenizer, examples, features, collate, recipe: Recipe, accelerator) -> dict[str, float]:
+def validate(model, tokenizer, examples, features, collate, token_loss: TokenLoss, recipe: Recipe,
+             accelerator) -> dict[str, float]:
     """Validation loss, and ROUGE on the first eval.validation_samples dialogues with the evaluation's generator."""
-    record = {"validation_loss": validation_loss(model, features, collate, recipe, accelerator)}
+    record = {"validation_loss": validation_loss(model, features, collate, token_loss, recipe, accelerator)}
     if recipe.eval.validation_samples:
         from dsum.evaluate import spread_score_matrix
         from dsum.generate import generate_predictions
@@ -293,7 +312,7 @@ def validate(model, tokenizer, examples, features, collate, recipe: Recipe, acce
 
 
 @torch.no_grad()
-def validation_loss(model, features, collate, recipe: Recipe, accelerator) -> float:
+def validation_loss(model, features, collate, token_loss: TokenLoss, recipe: Recipe, accelerator) -> float:
     """Mean token loss over the validation split (or its first eval_max_batches per rank), all ranks."""
     cfg = recipe.train
     plan = BatchPlan(len(features), cfg.per_device_batch_size, 1, distributed.world_size(), distributed.rank(),
@@ -303,7 +322,7 @@ def validation_loss(model, features, collate, recipe: Recipe, accelerator) -> fl
     loss = targets = 0.0
     for ids in batches:
         batch = {k: v.to(accelerator.device) for k, v in collate([features[i] for i in ids]).items()}
-        loss += token_loss_sum(model, batch, recipe.model.family, 0.0).item()
+        loss += token_loss(model, batch).item()
         targets += num_target_tokens(batch)
     model.train()
     loss, targets = distributed.sum_all([loss, targets])
@@ -315,7 +334,7 @@ def clip_gradients(accelerator, model, max_norm: float | None) -> float | None:
     return None if norm is None else float(norm)
 
 
-def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     # Biases and norms take no weight decay. ZeRO-3 flattens parameters; ds_shape keeps the real shape.
     decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
@@ -324,7 +343,9 @@ def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
               for group, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if group]
     adam = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **adam)
+        # One fused kernel for all the parameters: on a CPU, 2 ms a step where the loop over them takes 14
+        # (a 3M-parameter T5); on a GPU, fewer launches.
+        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **adam)
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 

@@ -146,6 +146,38 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
     assert "extrapolated" in stdout
 
 
+def test_other_work_on_the_machine_is_what_marks_a_phase_busy():
+    """A way that ran while another process kept a core busy is marked; a way whose own process used
+    little of its threads (a sleep stands for dsum's single-threaded setup) is not, when the system
+    tells what the others used."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if bench.machine_cpu_seconds() is None:
+        pytest.fail("no /proc/stat: the CI runs on Linux, where the bench reads other processes' CPU time")
+
+    def idle_way():
+        time.sleep(1.0)
+        return bench.TrainSpeed(steps=1, seconds=1.0, real_tokens=1, processed_tokens=1, dataset_examples=1)
+
+    quiet = bench.run_way("alone", idle_way, "cpu", 0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # running before the phase starts
+        crowded = bench.run_way("beside a busy process", idle_way, "cpu", 0)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert quiet.cpu_share < bench.BUSY and crowded.cpu_share < bench.BUSY  # the own share cannot tell them apart
+    assert crowded.other_cpu_share > 0.7 / os.cpu_count()  # the other process's core, nearly all of it
+    assert crowded.other_cpu_share > quiet.other_cpu_share + 0.5 / os.cpu_count()
+    assert "(the machine was busy)" in crowded.describe()
+    assert "(the machine was busy)" not in replace(crowded, other_cpu_share=0.01).describe()
+    assert "(the machine was busy)" in replace(crowded, other_cpu_share=None).describe()  # elsewhere: the own share
+
+
 def test_token_counts_use_dsum_definitions():
     """The notebook and no_trainer batches are counted as dsum counts its own."""
     features = [Feature([5, 6, 7, 1], [8, 9, 1]), Feature([5, 1], [8, 9, 10, 11, 1])]

@@ -248,25 +248,25 @@ def test_model_flops_are_counted_from_the_layers_and_give_mfu_against_a_peak(tmp
     assert all(r["mfu"] == pytest.approx(r["model_tflops_per_second"]) and r["mfu"] > 0 for r in rows)
     assert json.loads((run / "run.json").read_text())["telemetry"]["mfu"] > 0
 
-    # By hand, for one padded batch of the tiny Llama: 4N + 2N_trainable per token, plus attention.
+    # By hand, for one padded batch of the tiny Llama: 4N + 2N_trainable per token, plus attention, with
+    # the output head at the target tokens only (3 of each example's tokens).
     recipe = tiny("llama-lora", run)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
     model = load_model(recipe, materialize_base(recipe, model_config(recipe, tokenizer), run))
     config = model.config
-    linear = [(m.in_features * m.out_features, m.weight.requires_grad) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear)]
-    n_all, n_trainable = sum(n for n, _ in linear), sum(n for n, t in linear if t)
+    linear = [(m.in_features * m.out_features, m.weight.requires_grad, name.endswith("lm_head"))
+              for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    n_all, n_trainable = sum(n for n, _, head in linear if not head), sum(n for n, t, head in linear if t and not head)
+    (n_head,) = [n for n, t, head in linear if head and not t]  # frozen, as the base
     assert 0 < n_trainable < n_all / 5  # the adapters alone train
-    batch = Collator(tokenizer.pad_token_id)([type("F", (), {"input_ids": [1] * n, "labels": [1] * n})()
-                                               for n in (5, 9)])
+    examples = [type("F", (), {"input_ids": [1] * n, "labels": [-100] * (n - 3) + [1] * 3})() for n in (5, 9)]
     width = config.num_attention_heads * config.head_dim
-    expected = 14 * (4 * n_all + 2 * n_trainable) + 12 * width * config.num_hidden_layers * (5**2 + 9**2)
-    assert FlopCounter(model).batch(batch) == pytest.approx(expected)
-    packed = Collator(tokenizer.pad_token_id, packed=True)([type("F", (), {"input_ids": [1] * n, "labels": [1] * n})()
-                                                            for n in (5, 9)])
-    assert FlopCounter(model).batch(packed) == pytest.approx(expected)
+    expected = (14 * (4 * n_all + 2 * n_trainable) + 6 * 4 * n_head
+                + 12 * width * config.num_hidden_layers * (5**2 + 9**2))
+    assert FlopCounter(model).batch(Collator(tokenizer.pad_token_id)(examples)) == pytest.approx(expected)
+    assert FlopCounter(model).batch(Collator(tokenizer.pad_token_id, packed=True)(examples)) == pytest.approx(expected)
 
 
 def test_a_generation_setting_the_model_cannot_use_is_refused_before_training(tmp_path):
@@ -274,3 +274,44 @@ def test_a_generation_setting_the_model_cannot_use_is_refused_before_training(tm
     with pytest.raises(RecipeError, match="eval.cache: static: LongT5ForConditionalGeneration does not support"):
         train(tiny("t5-full", tmp_path / "run", arch, "eval.cache=static", "eval.after_training=true"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was taken
+
+
+def test_a_causal_loss_runs_the_head_at_the_targets_alone_and_equals_the_full_loss():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from dsum.features import Collator
+    from dsum.modeling import logits_for_targets_only
+    from dsum.train import TokenLoss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=4, vocab_size=120))
+    examples = [type("F", (), {"input_ids": torch.randint(3, 120, (n,)).tolist(), "labels": None})() for n in (7, 12, 4)]
+    for f, prompt in zip(examples, (4, 5, 1)):
+        f.labels = [-100] * prompt + f.input_ids[prompt:]
+    heads_saw = []
+    model.lm_head.register_forward_hook(lambda module, args, out: heads_saw.append(args[0].shape[:-1].numel()))
+    for batch in (Collator(0)(examples), Collator(0, packed=True)(examples)):
+        results = []
+        for targets_only in (False, True):
+            model.zero_grad()
+            loss = TokenLoss("causal", targets_only)(model, batch, label_smoothing=0.1)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+        for full, kept in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(full, kept, atol=1e-6, rtol=1e-4)
+    targets = (7 - 4) + (12 - 5) + (4 - 1)
+    assert heads_saw == [3 * 12, targets, 23, targets]  # every position (padded, then packed), or the targets alone
+
+    assert logits_for_targets_only(model)
+    assert logits_for_targets_only(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
+    assert not logits_for_targets_only(T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1,
+                                                                           num_heads=2, d_kv=8, vocab_size=50)))
+
+    class OwnHead(LlamaForCausalLM):  # code of its own, say from a model repository: the full logits
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    assert not logits_for_targets_only(OwnHead(model.config))
