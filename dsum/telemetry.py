@@ -131,15 +131,15 @@ class FlopCounter:
 
     def batch(self, batch: dict[str, torch.Tensor]) -> float:
         attention = 3 * 4 * self.attention_width  # forward and backward, per layer and per query-key pair
-        targets = float((batch["labels"] != -100).sum()) * self.per_token("head")
+        head = float((batch["labels"] != -100).sum()) * self.per_token("head")  # the logits the loss reads
         if "decoder_input_ids" in batch:
             source = batch["attention_mask"].sum(dim=1).double()
             target = (batch["labels"] != -100).sum(dim=1).double()
             return float(source.sum() * self.per_token("encoder") + target.sum() * self.per_token("decoder")
-                         + targets + attention * (self.encoder_layers * (source**2).sum()
-                                                  + self.decoder_layers * (target**2 + target * source).sum()))
+                         + head + attention * (self.encoder_layers * (source**2).sum()
+                                               + self.decoder_layers * (target**2 + target * source).sum()))
         lengths = sequence_lengths(batch).double()
-        return float(lengths.sum() * self.per_token("decoder") + targets
+        return float(lengths.sum() * self.per_token("decoder") + head
                      + attention * self.decoder_layers * (lengths**2).sum())
 
 
