@@ -136,8 +136,8 @@ TOKEN_BUDGET = "batch size x mean example tokens"
 DSUM_SPEED: dict[str, dict[str, Any]] = {
     "seq2seq": {"group_by_length": True, "max_tokens_per_batch": TOKEN_BUDGET},
     # Not train.packing: without flash attention (not installed with dsum) the packed row's mask spans
-    # the whole row, and attention costs as if it were one sequence. Measured on the CPU (one run each):
-    # packed 1.71x the no_trainer way, length-grouped 3.72x.
+    # the whole row, and attention costs as if it were one sequence. On the CPU, a run with packing here
+    # was slower than length grouping (BENCHMARKS.md).
     "causal": {"group_by_length": True, "max_tokens_per_batch": TOKEN_BUDGET},
 }
 
