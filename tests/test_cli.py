@@ -74,3 +74,55 @@ def test_an_untrained_model_scores_far_below_the_demo(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "untrained" / "eval" / "metrics.json").read_text())
     assert metrics["rouge1"] < 0.2
+
+
+
+# A tiny Llama generates batch after batch, longest prompts first, as an evaluation does; the page
+# faults of a second such evaluation, after a first one has warmed everything up.
+EVALUATION_FAULTS = """
+import resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from dsum.cli import keep_freed_host_memory
+kept = keep_freed_host_memory() if sys.argv[1] == "keep" else None
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4)
+model = LlamaForCausalLM(config).eval()
+def evaluation():
+    for length in range(240, 40, -20):
+        ids = torch.randint(3, 1000, (32, length))
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                           min_new_tokens=16, do_sample=False, pad_token_id=0)
+evaluation()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+evaluation()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def evaluation_faults(mode: str, **env: str) -> tuple[str, int]:
+    result = subprocess.run([sys.executable, "-c", EVALUATION_FAULTS, mode], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    kept, faults = result.stdout.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_command_keeps_freed_tensor_memory_for_the_next_batches():
+    """By default glibc hands the memory of a batch's freed tensors back, and the next batches fault it
+    in again (tens of thousands of pages here); kept, a few thousand at most."""
+    _, faults = evaluation_faults("default")
+    assert faults > 10_000
+    kept, kept_faults = evaluation_faults("keep")
+    assert kept == "True" and kept_faults < faults / 10
+
+
+@pytest.mark.parametrize("variable, value", [("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
+                                             ("MALLOC_MMAP_THRESHOLD_", "65536")])
+def test_a_users_own_malloc_settings_are_left_alone(monkeypatch, variable, value):
+    from dsum.cli import keep_freed_host_memory
+
+    monkeypatch.setenv(variable, value)
+    assert keep_freed_host_memory() is False
