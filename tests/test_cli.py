@@ -1,4 +1,5 @@
-"""The `dsum` command as users run it: validate, clear one-line errors with exit 2, and the demo."""
+"""The `dsum` command as users run it: validate, clear one-line errors with exit 2, the demo, and the
+host memory it keeps."""
 
 from __future__ import annotations
 
@@ -74,7 +75,6 @@ def test_an_untrained_model_scores_far_below_the_demo(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "untrained" / "eval" / "metrics.json").read_text())
     assert metrics["rouge1"] < 0.2
-
 
 
 # A tiny Llama generates batch after batch, longest prompts first, as an evaluation does; the page
