@@ -19,12 +19,14 @@ All three read the same token ids (dsum's Featurizer: one prompt, truncation at 
 target tokens), train the same model with AdamW at the same learning rate and precision, and
 generate the same number of tokens with the same settings. Training speed is real (non-padding)
 tokens per second over the same number of optimizer steps after a warm-up; evaluation speed is test
-dialogues per second. BENCHMARKS.md explains each choice.
+dialogues per second, timed in rounds that take the three ways in turn. BENCHMARKS.md explains each
+choice.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import math
@@ -61,6 +63,10 @@ class Sizes:
     dsum_eval_batch: int  # dialogues per generate call in dsum
     max_new_tokens: int  # every way generates this many tokens a row (random weights rarely stop sooner)
     eval_dtype: str  # the weights every way generates with
+    # The evaluation is timed in rounds, every way in turn in each (the notebook's rows and no_trainer's
+    # batches split between them, dsum's whole pass repeated), so that a slow spell on the machine falls
+    # on every way instead of on one.
+    eval_rounds: int = 3
     no_trainer_eval_batch: int = 8  # the example script's default per_device_eval_batch_size
     max_source_length: int = 512  # the notebook's and the script's truncation, and dsum recipes'
     max_target_length: int = 128
@@ -449,11 +455,18 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
     with phase(f"{spec.name}: model for generation"):
         model = eval_model(recipe, base, sizes, device)
     generators = {
-        "notebook": lambda: eval_notebook(recipe, model, tokenizer, data.test, sizes, device),
-        "no_trainer": lambda: eval_no_trainer(recipe, model, tokenizer, data.test, sizes, device),
-        "dsum": lambda: eval_dsum(recipe, model, tokenizer, data.test, device),
+        "notebook": lambda part, parts: eval_notebook(recipe, model, tokenizer, data.test, sizes, device, part, parts),
+        "no_trainer": lambda part, parts: eval_no_trainer(recipe, model, tokenizer, data.test, sizes, device, part,
+                                                          parts),
+        "dsum": lambda part, parts: eval_dsum(recipe, model, tokenizer, data.test, device),
     }
-    evaluated = {way: run_way(f"{spec.name}: eval {way}", run, device, sizes.seed) for way, run in generators.items()}
+    parts = eval_rounds(sizes, data.test)
+    rounds = [{way: run_way(f"{spec.name}: eval {way}, round {part + 1} of {parts}", functools.partial(run, part, parts),
+                            device, sizes.seed)
+               for way, run in generators.items()} for part in range(parts)]
+    evaluated = {way: EvalSpeed.combined([timed[way] for timed in rounds]) for way in generators}
+    for way, result in evaluated.items():
+        print(f"bench: {spec.name}: eval {way}, {parts} rounds: {result.describe()}", flush=True)
     return {
         "family": recipe.model.family,
         "parameters": parameters,
@@ -782,6 +795,21 @@ class EvalSpeed:
     mean_new_tokens: float  # tokens generated a row: equal across ways, or the comparison is unfair
     cpu_share: float | None = None  # see run_way
     other_cpu_share: float | None = None
+    rounds: int = 1  # timed parts summed into this (Sizes.eval_rounds)
+
+    @classmethod
+    def combined(cls, parts: Sequence[EvalSpeed]) -> EvalSpeed:
+        """One way's rounds as one: rows and seconds summed; per-row and per-second figures weighted."""
+        rows, seconds = sum(p.rows_timed for p in parts), sum(p.seconds_timed for p in parts)
+
+        def weighted(values: list[float | None], weights: list[float], total: float) -> float | None:
+            return None if None in values else sum(v * w for v, w in zip(values, weights)) / total
+
+        times = [p.seconds_timed for p in parts]
+        return cls(parts[0].dialogues, parts[0].rows, rows, parts[0].batch_size, seconds,
+                   weighted([p.mean_new_tokens for p in parts], [p.rows_timed for p in parts], rows),
+                   weighted([p.cpu_share for p in parts], times, seconds),
+                   weighted([p.other_cpu_share for p in parts], times, seconds), len(parts))
 
     @property
     def extrapolated(self) -> bool:
@@ -857,15 +885,23 @@ def generate(model, tokenizer, recipe: Recipe, prompts: list[list[int]], device:
                           **generation_kwargs(recipe, tokenizer)), batch["input_ids"].shape[1]
 
 
-def eval_notebook(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str) -> EvalSpeed:
-    """(a) One row at a time over the flattened split: a fixed random sample of rows is timed, and the
-    time is scaled to all the rows."""
+def eval_rounds(sizes: Sizes, examples: Sequence) -> int:
+    """Sizes.eval_rounds, or fewer where the notebook's timed rows or no_trainer's batches are fewer."""
+    rows = len(flattened_rows(examples))
+    return max(1, min(sizes.eval_rounds, sizes.notebook_rows, rows, math.ceil(rows / sizes.no_trainer_eval_batch)))
+
+
+def eval_notebook(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str, part: int = 0,
+                  parts: int = 1) -> EvalSpeed:
+    """(a) One row at a time over the flattened split: a fixed random sample of rows is timed (every
+    parts-th of it, from `part`, in this round), and the time is scaled to all the rows."""
     import torch
 
     from dsum.features import Featurizer
 
     rows = flattened_rows(examples)
-    timed = sorted(random.Random(sizes.seed).sample(range(len(rows)), min(sizes.notebook_rows, len(rows))))
+    sample = sorted(random.Random(sizes.seed).sample(range(len(rows)), min(sizes.notebook_rows, len(rows))))
+    timed = sample[part::parts]
     featurizer = Featurizer(recipe, tokenizer)
     family = recipe.model.family
     generated = []
@@ -884,8 +920,10 @@ def eval_notebook(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: S
     return EvalSpeed(len(examples), len(rows), len(timed), 1, seconds, mean_length(generated))
 
 
-def eval_no_trainer(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str) -> EvalSpeed:
-    """(b) Batches of the script's eval batch size over the flattened rows, in dataset order."""
+def eval_no_trainer(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str, part: int = 0,
+                    parts: int = 1) -> EvalSpeed:
+    """(b) Batches of the script's eval batch size over the flattened rows, in dataset order (every
+    parts-th batch, from `part`, in this round)."""
     import torch
 
     from dsum.features import Featurizer
@@ -899,19 +937,20 @@ def eval_no_trainer(recipe: Recipe, model, tokenizer, examples: Sequence, sizes:
         generate(model, tokenizer, recipe, [featurizer.prompt_ids(examples[0].dialogue)], device, left)  # warm-up
         synchronize(device)
         started = time.perf_counter()
-        prompts = [featurizer.prompt_ids(examples[i].dialogue) for i, _ in rows]
-        for start in range(0, len(rows), size):
-            output, width = generate(model, tokenizer, recipe, prompts[start : start + size], device, left)
+        for start in range(0, len(rows), size)[part::parts]:
+            prompts = [featurizer.prompt_ids(examples[i].dialogue) for i, _ in rows[start : start + size]]
+            output, width = generate(model, tokenizer, recipe, prompts, device, left)
             tokens = new_tokens(output, width, family, tokenizer)
             tokenizer.batch_decode(tokens, skip_special_tokens=True)
             generated += tokens
         synchronize(device)
         seconds = time.perf_counter() - started
-    return EvalSpeed(len(examples), len(rows), len(rows), size, seconds, mean_length(generated))
+    return EvalSpeed(len(examples), len(rows), len(generated), size, seconds, mean_length(generated))
 
 
 def eval_dsum(recipe: Recipe, model, tokenizer, examples: Sequence, device: str) -> EvalSpeed:
-    """(c) dsum's generator over the unique dialogues, longest first, eval.batch_size at a time."""
+    """(c) dsum's generator over the unique dialogues, longest first, eval.batch_size at a time: the whole
+    pass in every round (a part of it would change how the dialogues fall into batches)."""
     from dsum.generate import generate_predictions
 
     generate_predictions(recipe, model, tokenizer, examples[:1], device)  # warm-up

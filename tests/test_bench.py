@@ -146,6 +146,34 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
     assert "extrapolated" in stdout
 
 
+@needs_dialogsum
+def test_the_evaluation_is_timed_in_rounds_that_take_the_ways_in_turn(run):
+    """The notebook's timed rows and no_trainer's batches are split between the rounds, dsum's pass is
+    repeated in each; the printed phases alternate the ways round by round."""
+    results, stdout = run
+    rounds = 2  # Sizes.eval_rounds (3), capped by the 2 notebook rows and no_trainer's 2 batches of 8 rows
+    for name, model in results["models"].items():
+        evaluation = model["eval"]
+        assert {evaluation[way]["rounds"] for way in bench.WAYS} == {rounds}
+        assert evaluation["dsum"]["rows_timed"] == rounds * EVAL_DIALOGUES
+        assert evaluation["dsum"]["seconds"] == pytest.approx(evaluation["dsum"]["seconds_timed"] / rounds)
+        phases = [f"bench: {name}: eval {way}, round {part} of {rounds} " for part in (1, 2) for way in bench.WAYS]
+        where = [stdout.index(line) for line in phases]
+        assert where == sorted(where), stdout
+
+
+def test_rounds_combine_into_one_speed():
+    part = bench.EvalSpeed(dialogues=10, rows=30, rows_timed=4, batch_size=1, seconds_timed=2.0, mean_new_tokens=30.0,
+                           cpu_share=0.9, other_cpu_share=0.0)
+    other = replace(part, rows_timed=2, seconds_timed=6.0, mean_new_tokens=33.0, cpu_share=0.5, other_cpu_share=0.4)
+    both = bench.EvalSpeed.combined([part, other])
+    assert (both.rows_timed, both.seconds_timed, both.rounds) == (6, 8.0, 2)
+    assert both.mean_new_tokens == pytest.approx(31.0)  # per row
+    assert both.cpu_share == pytest.approx(0.6) and both.other_cpu_share == pytest.approx(0.3)  # per second
+    assert both.dialogues_per_second == pytest.approx(10 / (8.0 * 30 / 6))
+    assert bench.EvalSpeed.combined([replace(part, cpu_share=None), other]).cpu_share is None
+
+
 def test_other_work_on_the_machine_is_what_marks_a_phase_busy():
     """A way that ran while another process kept a core busy is marked; a way whose own process used
     little of its threads (a sleep stands for dsum's single-threaded setup) is not, when the system
