@@ -16,6 +16,8 @@ from collections import defaultdict
 
 import torch
 
+from dsum.features import IGNORE_INDEX, num_target_tokens
+
 PHASES = ("data", "forward_backward", "optimizer")
 
 
@@ -131,10 +133,10 @@ class FlopCounter:
 
     def batch(self, batch: dict[str, torch.Tensor]) -> float:
         attention = 3 * 4 * self.attention_width  # forward and backward, per layer and per query-key pair
-        head = float((batch["labels"] != -100).sum()) * self.per_token("head")  # the logits the loss reads
+        head = num_target_tokens(batch) * self.per_token("head")  # the logits the loss reads
         if "decoder_input_ids" in batch:
             source = batch["attention_mask"].sum(dim=1).double()
-            target = (batch["labels"] != -100).sum(dim=1).double()
+            target = (batch["labels"] != IGNORE_INDEX).sum(dim=1).double()
             return float(source.sum() * self.per_token("encoder") + target.sum() * self.per_token("decoder")
                          + head + attention * (self.encoder_layers * (source**2).sum()
                                                + self.decoder_layers * (target**2 + target * source).sum()))
