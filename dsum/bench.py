@@ -19,8 +19,8 @@ All three read the same token ids (dsum's Featurizer: one prompt, truncation at 
 target tokens), train the same model with AdamW at the same learning rate and precision, and
 generate the same number of tokens with the same settings. Training speed is real (non-padding)
 tokens per second over the same number of optimizer steps after a warm-up; evaluation speed is test
-dialogues per second, timed in rounds that take the three ways in turn. BENCHMARKS.md explains each
-choice.
+dialogues per second. Both are timed in rounds that take the three ways in turn. BENCHMARKS.md explains
+each choice.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from dsum.config import DataConfig, Recipe, RecipeError, validate_recipe
 
@@ -63,9 +63,11 @@ class Sizes:
     dsum_eval_batch: int  # dialogues per generate call in dsum
     max_new_tokens: int  # every way generates this many tokens a row (random weights rarely stop sooner)
     eval_dtype: str  # the weights every way generates with
-    # The evaluation is timed in rounds, every way in turn in each (the notebook's rows and no_trainer's
-    # batches split between them, dsum's whole pass repeated), so that a slow spell on the machine falls
-    # on every way instead of on one.
+    # Training and evaluation are timed in rounds, every way in turn in each, so that a slow spell on the
+    # machine falls on every way instead of on one. Training: each round trains afresh from the base with
+    # its own seed (other batches), the timed steps split between the rounds. Evaluation: the notebook's
+    # rows and no_trainer's batches split between the rounds, dsum's whole pass repeated.
+    train_rounds: int = 3
     eval_rounds: int = 3
     no_trainer_eval_batch: int = 8  # the example script's default per_device_eval_batch_size
     max_source_length: int = 512  # the notebook's and the script's truncation, and dsum recipes'
@@ -74,12 +76,12 @@ class Sizes:
     seed: int = 42
 
 
-# 2 cores, under 10 minutes for everything (about 4 on a quiet machine): small models, 2,000 training
+# 2 cores, under 10 minutes for everything (about 5.5 on a quiet machine): small models, 2,000 training
 # dialogues, all 500 test dialogues.
-CPU_SIZES = Sizes(train_examples=2000, warmup_steps=2, train_steps=16, eval_dialogues=500, notebook_rows=128,
+CPU_SIZES = Sizes(train_examples=2000, warmup_steps=2, train_steps=18, eval_dialogues=500, notebook_rows=128,
                   dsum_eval_batch=64, max_new_tokens=32, eval_dtype="float32")
 # One GPU: the whole training split and all 500 test dialogues (1,500 flattened rows).
-CUDA_SIZES = Sizes(train_examples=None, warmup_steps=3, train_steps=20, eval_dialogues=500, notebook_rows=60,
+CUDA_SIZES = Sizes(train_examples=None, warmup_steps=3, train_steps=18, eval_dialogues=500, notebook_rows=60,
                    dsum_eval_batch=64, max_new_tokens=64, eval_dtype="bfloat16")
 SIZES = {"cpu": CPU_SIZES, "cuda": CUDA_SIZES}
 
@@ -444,29 +446,25 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
     features = Featurizer(recipe, tokenizer).training_features(data.train)
     speed = dsum_speed_settings(recipe.model.family, recipe.train.per_device_batch_size, features)
-    dsum_recipe = bench_recipe(spec, sizes, **paths, speed=speed)
 
-    train = {
-        "notebook": lambda: train_notebook(recipe, base, tokenizer, features, sizes, device, workdir),
-        "no_trainer": lambda: train_no_trainer(recipe, base, tokenizer, features, sizes, device),
-        "dsum": lambda: train_dsum(dsum_recipe, sizes),
+    trainers = {  # each takes its round's sizes: the steps it times and its seed
+        "notebook": lambda part: train_notebook(recipe, base, tokenizer, features, part, device, workdir),
+        "no_trainer": lambda part: train_no_trainer(recipe, base, tokenizer, features, part, device),
+        "dsum": lambda part: train_dsum(bench_recipe(spec, part, **paths, speed=speed), part),
     }
-    trained = {way: run_way(f"{spec.name}: train {way}", run, device, sizes.seed) for way, run in train.items()}
+    parts = train_rounds(sizes)
+    trained = in_rounds(f"{spec.name}: train", trainers, parts, [part.seed for part in parts], device,
+                        TrainSpeed.combined)
     with phase(f"{spec.name}: model for generation"):
         model = eval_model(recipe, base, sizes, device)
-    generators = {
-        "notebook": lambda part, parts: eval_notebook(recipe, model, tokenizer, data.test, sizes, device, part, parts),
-        "no_trainer": lambda part, parts: eval_no_trainer(recipe, model, tokenizer, data.test, sizes, device, part,
-                                                          parts),
-        "dsum": lambda part, parts: eval_dsum(recipe, model, tokenizer, data.test, device),
+    rounds = eval_rounds(sizes, data.test)
+    generators = {  # each takes its round's number
+        "notebook": lambda part: eval_notebook(recipe, model, tokenizer, data.test, sizes, device, part, rounds),
+        "no_trainer": lambda part: eval_no_trainer(recipe, model, tokenizer, data.test, sizes, device, part, rounds),
+        "dsum": lambda part: eval_dsum(recipe, model, tokenizer, data.test, device),
     }
-    parts = eval_rounds(sizes, data.test)
-    rounds = [{way: run_way(f"{spec.name}: eval {way}, round {part + 1} of {parts}", functools.partial(run, part, parts),
-                            device, sizes.seed)
-               for way, run in generators.items()} for part in range(parts)]
-    evaluated = {way: EvalSpeed.combined([timed[way] for timed in rounds]) for way in generators}
-    for way, result in evaluated.items():
-        print(f"bench: {spec.name}: eval {way}, {parts} rounds: {result.describe()}", flush=True)
+    evaluated = in_rounds(f"{spec.name}: eval", generators, range(rounds), [sizes.seed] * rounds, device,
+                          EvalSpeed.combined)
     return {
         "family": recipe.model.family,
         "parameters": parameters,
@@ -482,6 +480,20 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
         "train": {way: result.as_dict() for way, result in trained.items()},
         "eval": {way: result.as_dict() for way, result in evaluated.items()},
     }
+
+
+def in_rounds(label: str, ways: dict[str, Callable[[Any], Any]], parts: Sequence, seeds: Sequence[int], device: str,
+              combine: Callable[[list], Any]) -> dict[str, Any]:
+    """Every way once a round, in turn, each round on its part (and from its seed); each way's rounds
+    combined into one speed. A slow spell on the machine then falls on every way, not on the one that
+    happened to be running."""
+    timed = [{way: run_way(f"{label} {way}, round {number} of {len(parts)}", functools.partial(run, part), device, seed)
+              for way, run in ways.items()}
+             for number, (part, seed) in enumerate(zip(parts, seeds), start=1)]
+    combined = {way: combine([speeds[way] for speeds in timed]) for way in ways}
+    for way, speed in combined.items():
+        print(f"bench: {label} {way}, {len(parts)} rounds: {speed.describe()}", flush=True)
+    return combined
 
 
 def run_way(label: str, run, device: str, seed: int):
@@ -560,6 +572,17 @@ class TrainSpeed:
     settings: dict[str, Any] = field(default_factory=dict)
     cpu_share: float | None = None  # see run_way
     other_cpu_share: float | None = None
+    rounds: int = 1  # timed parts summed into this (Sizes.train_rounds)
+
+    @classmethod
+    def combined(cls, parts: Sequence[TrainSpeed]) -> TrainSpeed:
+        """One way's rounds as one: steps, seconds, tokens and rows summed; CPU shares weighted by time."""
+        times = [p.seconds for p in parts]
+        rows = None if any(p.rows is None for p in parts) else sum(p.rows for p in parts)
+        return cls(sum(p.steps for p in parts), sum(times), sum(p.real_tokens for p in parts),
+                   sum(p.processed_tokens for p in parts), parts[0].dataset_examples, parts[0].dataset_real_tokens,
+                   rows, parts[0].settings, weighted_mean([p.cpu_share for p in parts], times),
+                   weighted_mean([p.other_cpu_share for p in parts], times), len(parts))
 
     @property
     def real_tokens_per_second(self) -> float:
@@ -591,6 +614,14 @@ def feature_real_tokens(features: Sequence, family: str) -> int:
 
     return sum(len(f.input_ids) + (sum(t != IGNORE_INDEX for t in f.labels) if family == "seq2seq" else 0)
                for f in features)
+
+
+def train_rounds(sizes: Sizes) -> list[Sizes]:
+    """Each training round's sizes: its share of the timed steps (Sizes.train_rounds rounds, fewer when
+    there are fewer timed steps) and its own seed, so that the rounds time different batches."""
+    rounds = max(1, min(sizes.train_rounds, sizes.train_steps))
+    return [replace(sizes, train_steps=len(range(r, sizes.train_steps, rounds)), seed=sizes.seed + r)
+            for r in range(rounds)]
 
 
 def timed_window(step_ends: list[float], micro_counts: list[tuple[int, int, int]], sizes: Sizes,
@@ -800,16 +831,11 @@ class EvalSpeed:
     @classmethod
     def combined(cls, parts: Sequence[EvalSpeed]) -> EvalSpeed:
         """One way's rounds as one: rows and seconds summed; per-row and per-second figures weighted."""
-        rows, seconds = sum(p.rows_timed for p in parts), sum(p.seconds_timed for p in parts)
-
-        def weighted(values: list[float | None], weights: list[float], total: float) -> float | None:
-            return None if None in values else sum(v * w for v, w in zip(values, weights)) / total
-
         times = [p.seconds_timed for p in parts]
-        return cls(parts[0].dialogues, parts[0].rows, rows, parts[0].batch_size, seconds,
-                   weighted([p.mean_new_tokens for p in parts], [p.rows_timed for p in parts], rows),
-                   weighted([p.cpu_share for p in parts], times, seconds),
-                   weighted([p.other_cpu_share for p in parts], times, seconds), len(parts))
+        return cls(parts[0].dialogues, parts[0].rows, sum(p.rows_timed for p in parts), parts[0].batch_size, sum(times),
+                   weighted_mean([p.mean_new_tokens for p in parts], [p.rows_timed for p in parts]),
+                   weighted_mean([p.cpu_share for p in parts], times),
+                   weighted_mean([p.other_cpu_share for p in parts], times), len(parts))
 
     @property
     def extrapolated(self) -> bool:
@@ -832,6 +858,13 @@ class EvalSpeed:
         timed = (f", timed on {self.rows_timed} of {self.rows} rows and extrapolated" if self.extrapolated else "")
         return (f"{self.dialogues_per_second:.2f} dialogues/s ({self.rows} generations of {self.mean_new_tokens:.1f} "
                 f"tokens, batch {self.batch_size}{timed}){busy(self)}")
+
+
+def weighted_mean(values: Sequence[float | None], weights: Sequence[float]) -> float | None:
+    """None where a part has no figure (a share the system does not report)."""
+    if any(v is None for v in values):
+        return None
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
 
 BUSY = 0.8  # a CPU share below this: other work on the machine may have slowed the way down

@@ -19,8 +19,9 @@ from dsum.features import Collator, Feature, num_processed_tokens, num_real_toke
 
 needs_dialogsum = pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(), reason=f"no DialogSum in {DIALOGSUM}")
 
-# Tiny: 200 training dialogues, batches of 4, 1 warm-up step and 4 timed ones, 4 test dialogues.
-TRAIN_STEPS, EVAL_DIALOGUES, NOTEBOOK_ROWS, BATCH = 4, 4, 2, 4
+# Tiny: 200 training dialogues, batches of 4, 4 timed steps in 2 training rounds (each after 1 warm-up
+# step), 4 test dialogues.
+TRAIN_STEPS, TRAIN_ROUNDS, EVAL_DIALOGUES, NOTEBOOK_ROWS, BATCH = 4, 2, 4, 2, 4
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     patch = pytest.MonkeyPatch()
-    patch.setitem(bench.SIZES, "cpu", replace(bench.CPU_SIZES, train_examples=200, warmup_steps=1))
+    patch.setitem(bench.SIZES, "cpu", replace(bench.CPU_SIZES, train_examples=200, warmup_steps=1,
+                                                         train_rounds=TRAIN_ROUNDS))
     models = tuple(replace(spec, recipe={**spec.recipe, "train": {**spec.recipe["train"], "per_device_batch_size": BATCH}})
                    for spec in bench.CPU_MODELS)
     patch.setitem(bench.MODELS, "cpu", models)
@@ -162,6 +164,30 @@ def test_the_evaluation_is_timed_in_rounds_that_take_the_ways_in_turn(run):
         assert where == sorted(where), stdout
 
 
+@needs_dialogsum
+def test_the_training_is_timed_in_rounds_that_take_the_ways_in_turn(run):
+    """The timed steps are split between the rounds, each way trains once a round, and the printed
+    phases alternate the ways round by round."""
+    results, stdout = run
+    for name, model in results["models"].items():
+        train = model["train"]
+        assert {train[way]["rounds"] for way in bench.WAYS} == {TRAIN_ROUNDS}
+        assert {train[way]["steps"] for way in bench.WAYS} == {TRAIN_STEPS}  # 2 + 2, summed
+        phases = [f"bench: {name}: train {way}, round {part} of {TRAIN_ROUNDS} " for part in (1, 2)
+                  for way in bench.WAYS]
+        where = [stdout.index(line) for line in phases]
+        assert where == sorted(where), stdout
+        assert f"bench: {name}: train dsum, {TRAIN_ROUNDS} rounds: " in stdout
+
+
+def test_training_rounds_split_the_steps_and_take_their_own_seeds():
+    sizes = replace(bench.CPU_SIZES, train_steps=16, train_rounds=3, seed=7)
+    parts = bench.train_rounds(sizes)
+    assert [(p.train_steps, p.seed, p.warmup_steps) for p in parts] == [(6, 7, 2), (5, 8, 2), (5, 9, 2)]
+    assert [p.train_steps for p in bench.train_rounds(replace(sizes, train_steps=2))] == [1, 1]  # no empty round
+    assert [p.train_steps for p in bench.train_rounds(replace(sizes, train_rounds=1))] == [16]
+
+
 def test_rounds_combine_into_one_speed():
     part = bench.EvalSpeed(dialogues=10, rows=30, rows_timed=4, batch_size=1, seconds_timed=2.0, mean_new_tokens=30.0,
                            cpu_share=0.9, other_cpu_share=0.0)
@@ -172,6 +198,17 @@ def test_rounds_combine_into_one_speed():
     assert both.cpu_share == pytest.approx(0.6) and both.other_cpu_share == pytest.approx(0.3)  # per second
     assert both.dialogues_per_second == pytest.approx(10 / (8.0 * 30 / 6))
     assert bench.EvalSpeed.combined([replace(part, cpu_share=None), other]).cpu_share is None
+
+    step = bench.TrainSpeed(steps=3, seconds=1.0, real_tokens=900, processed_tokens=1000, dataset_examples=50,
+                            dataset_real_tokens=9000, rows=24, cpu_share=0.9, other_cpu_share=0.0)
+    later = replace(step, steps=2, seconds=3.0, real_tokens=300, processed_tokens=600, rows=16, cpu_share=0.5,
+                    other_cpu_share=0.4)
+    trained = bench.TrainSpeed.combined([step, later])
+    assert (trained.steps, trained.seconds, trained.real_tokens, trained.processed_tokens, trained.rows,
+            trained.rounds) == (5, 4.0, 1200, 1600, 40, 2)
+    assert trained.real_tokens_per_second == pytest.approx(300.0) and trained.padding_efficiency == pytest.approx(0.75)
+    assert trained.cpu_share == pytest.approx(0.6) and trained.other_cpu_share == pytest.approx(0.3)
+    assert trained.dataset_examples == 50 and bench.TrainSpeed.combined([step, replace(later, rows=None)]).rows is None
 
 
 def test_other_work_on_the_machine_is_what_marks_a_phase_busy():
