@@ -37,8 +37,8 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     patch = pytest.MonkeyPatch()
-    patch.setitem(bench.SIZES, "cpu", replace(bench.CPU_SIZES, train_examples=200, warmup_steps=1,
-                                                         train_rounds=TRAIN_ROUNDS))
+    sizes = replace(bench.CPU_SIZES, train_examples=200, warmup_steps=1, train_rounds=TRAIN_ROUNDS)
+    patch.setitem(bench.SIZES, "cpu", sizes)
     models = tuple(replace(spec, recipe={**spec.recipe, "train": {**spec.recipe["train"], "per_device_batch_size": BATCH}})
                    for spec in bench.CPU_MODELS)
     patch.setitem(bench.MODELS, "cpu", models)
