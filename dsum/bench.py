@@ -924,8 +924,8 @@ def eval_rounds(sizes: Sizes, examples: Sequence) -> int:
     return max(1, min(sizes.eval_rounds, sizes.notebook_rows, rows, math.ceil(rows / sizes.no_trainer_eval_batch)))
 
 
-def eval_notebook(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str, part: int = 0,
-                  parts: int = 1) -> EvalSpeed:
+def eval_notebook(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str, part: int,
+                  parts: int) -> EvalSpeed:
     """(a) One row at a time over the flattened split: a fixed random sample of rows is timed (every
     parts-th of it, from `part`, in this round), and the time is scaled to all the rows."""
     import torch
@@ -953,8 +953,8 @@ def eval_notebook(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: S
     return EvalSpeed(len(examples), len(rows), len(timed), 1, seconds, mean_length(generated))
 
 
-def eval_no_trainer(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str, part: int = 0,
-                    parts: int = 1) -> EvalSpeed:
+def eval_no_trainer(recipe: Recipe, model, tokenizer, examples: Sequence, sizes: Sizes, device: str, part: int,
+                    parts: int) -> EvalSpeed:
     """(b) Batches of the script's eval batch size over the flattened rows, in dataset order (every
     parts-th batch, from `part`, in this round)."""
     import torch
