@@ -971,7 +971,7 @@ def eval_no_trainer(recipe: Recipe, model, tokenizer, examples: Sequence, sizes:
         synchronize(device)
         started = time.perf_counter()
         for start in range(0, len(rows), size)[part::parts]:
-            prompts = [featurizer.prompt_ids(examples[i].dialogue) for i, _ in rows[start : start + size]]
+            prompts = featurizer.prompts_ids([examples[i].dialogue for i, _ in rows[start : start + size]])
             output, width = generate(model, tokenizer, recipe, prompts, device, left)
             tokens = new_tokens(output, width, family, tokenizer)
             tokenizer.batch_decode(tokens, skip_special_tokens=True)

@@ -279,7 +279,10 @@ def is_demo_run(output_dir: Path) -> bool:
 
 def quiet_libraries() -> None:
     """Library chatter that says nothing to a dsum user stays out of the terminal."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Set either way, tokenizers says nothing when the process forks. True: the featurizer's batched calls
+    # use every core. A forked child that tokenized would deadlock, but dsum forks none (no DataLoader
+    # workers; its subprocesses exec at once).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     import torch

@@ -22,6 +22,7 @@ from dsum.config import Recipe, RecipeError
 from dsum.data import Example
 
 IGNORE_INDEX = -100
+TOKENIZE_BATCH = 1024  # texts per tokenizer call
 
 
 @dataclass
@@ -64,17 +65,33 @@ class Featurizer:
         self.eos = self.tokenizer.eos_token_id
         if self.eos is None:
             raise RecipeError("tokenizer: it has no EOS token; summaries need one to end")
-        self.shot_ids = [self._ids(prompts.render(self.template, self.recipe.prompt, shot.dialogue).text
-                                   + prompts.summary_text(self.template, shot.references[0]) + "\n\n\n")
-                         for shot in self.shots]
+        self.shot_ids = self._ids_many([prompts.render(self.template, self.recipe.prompt, shot.dialogue).text
+                                        + prompts.summary_text(self.template, shot.references[0]) + "\n\n\n"
+                                        for shot in self.shots])
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    def _ids_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text: each distinct text once, in batched tokenizer calls. A call per text
+        costs about as much again in Python as the tokenizing (the instruction and cue, the same for
+        every dialogue, twice over)."""
+        distinct = list(dict.fromkeys(t for t in texts if t))
+        ids: dict[str, list[int]] = {}
+        for start in range(0, len(distinct), TOKENIZE_BATCH):
+            chunk = distinct[start : start + TOKENIZE_BATCH]
+            ids.update(zip(chunk, self.tokenizer(chunk, add_special_tokens=False)["input_ids"]))
+        return [ids[t] if t else [] for t in texts]
 
     def prompt_ids(self, dialogue: str) -> list[int]:
         """Prompt tokens with the dialogue cut to fit tokenizer.max_source_length, plus the family's specials."""
-        parts = prompts.render(self.template, self.recipe.prompt, dialogue)
-        prefix, body, suffix = self._ids(parts.prefix), self._ids(parts.dialogue), self._ids(parts.suffix)
+        return self.prompts_ids([dialogue])[0]
+
+    def prompts_ids(self, dialogues: Sequence[str]) -> list[list[int]]:
+        """`prompt_ids` of each dialogue, tokenized together."""
+        parts = [prompts.render(self.template, self.recipe.prompt, d) for d in dialogues]
+        prefixes, bodies, suffixes = (self._ids_many([getattr(p, name) for p in parts])
+                                      for name in ("prefix", "dialogue", "suffix"))
+        return [self._prompt(*row) for row in zip(prefixes, bodies, suffixes)]
+
+    def _prompt(self, prefix: list[int], body: list[int], suffix: list[int]) -> list[int]:
         specials = len(self.bos) + (1 if self.family == "seq2seq" else 0)
         budget = self.recipe.tokenizer.max_source_length - len(prefix) - len(suffix) - specials
         if budget < 1:
@@ -93,24 +110,28 @@ class Featurizer:
         ids = self.bos + shots + prefix + body + suffix
         return ids + [self.eos] if self.family == "seq2seq" else ids
 
-    def summary_ids(self, summary: str) -> list[int]:
-        ids = self._ids(prompts.summary_text(self.template, summary))
+    def summaries_ids(self, summaries: Sequence[str]) -> list[list[int]]:
+        """Target tokens of each summary, cut to fit tokenizer.max_target_length with its EOS."""
         keep = self.recipe.tokenizer.max_target_length - 1
-        if len(ids) > keep:
-            ids = ids[:keep]
-            self.stats.summaries_truncated += 1
-        return ids + [self.eos]
+        out = []
+        for ids in self._ids_many([prompts.summary_text(self.template, s) for s in summaries]):
+            if len(ids) > keep:
+                ids = ids[:keep]
+                self.stats.summaries_truncated += 1
+            out.append(ids + [self.eos])
+        return out
 
     def training_feature(self, example: Example) -> Feature:
-        self.stats.examples += 1
-        source = self.prompt_ids(example.dialogue)
-        target = self.summary_ids(example.references[0])
-        if self.family == "seq2seq":
-            return Feature(input_ids=source, labels=target)
-        return Feature(input_ids=source + target, labels=[IGNORE_INDEX] * len(source) + target)
+        return self.training_features([example])[0]
 
     def training_features(self, examples: Sequence[Example]) -> list[Feature]:
-        return [self.training_feature(e) for e in examples]
+        self.stats.examples += len(examples)
+        sources = self.prompts_ids([e.dialogue for e in examples])
+        targets = self.summaries_ids([e.references[0] for e in examples])
+        if self.family == "seq2seq":
+            return [Feature(input_ids=source, labels=target) for source, target in zip(sources, targets)]
+        return [Feature(input_ids=source + target, labels=[IGNORE_INDEX] * len(source) + target)
+                for source, target in zip(sources, targets)]
 
 
 @dataclass

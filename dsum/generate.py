@@ -91,7 +91,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
     distributed.barrier()  # every rank has read what is done before any rank appends to it
     todo = [e for e in examples if e.id not in done]
     featurizer = Featurizer(recipe, tokenizer, shots=shots)
-    prompt_ids = [featurizer.prompt_ids(e.dialogue) for e in todo]
+    prompt_ids = featurizer.prompts_ids([e.dialogue for e in todo])
     batches = plan_batches([len(p) for p in prompt_ids], recipe.eval.batch_size)
     world, rank = distributed.world_size(), distributed.rank()
     mine = batches[rank::world]

@@ -67,6 +67,42 @@ def test_truncation_cuts_the_dialogue_never_the_instruction_or_summary_start(tok
     assert featurizer.stats.as_dict() == {"examples": 1, "dialogues_truncated": 1, "summaries_truncated": 1}
 
 
+class CountingTokenizer:
+    """A tokenizer that counts its calls and the texts it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls, self.texts = tokenizer, 0, 0
+
+    def __call__(self, texts, **kwargs):
+        self.calls += 1
+        self.texts += len(texts) if isinstance(texts, list) else 1
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_features_of_many_examples_equal_each_made_alone_from_few_tokenizer_calls(tokenizers, family):
+    recipe, tok = tokenizers[family]
+    recipe = recipe.model_copy(deep=True)
+    recipe.tokenizer.max_source_length = 48  # some dialogues are cut, some are not
+    recipe.tokenizer.max_target_length = 12
+    examples = [Example(str(i), DIALOGUE[: 12 * i], (SUMMARY[: 5 * i + 1],)) for i in range(12)]
+    examples += [examples[5], Example("empty", "", ("",)), Example("long", DIALOGUE * 4, (SUMMARY * 3,))]
+    alone = Featurizer(recipe, tok)
+    expected = [alone.training_feature(e) for e in examples]
+    counting = CountingTokenizer(tok)
+    together = Featurizer(recipe, counting)
+    assert together.training_features(examples) == expected
+    assert together.stats == alone.stats and alone.stats.dialogues_truncated and alone.stats.summaries_truncated
+    # One call each for prefixes, dialogues and summaries, the suffix as well; every distinct text once.
+    assert counting.calls == 4
+    distinct = len({e.dialogue for e in examples if e.dialogue}) + len({e.references[0] for e in examples}) + 2
+    assert counting.texts <= distinct
+    assert together.prompts_ids([e.dialogue for e in examples]) == [alone.prompt_ids(e.dialogue) for e in examples]
+
+
 def test_an_instruction_longer_than_the_budget_is_an_error(tokenizers):
     from dsum.config import RecipeError
 
