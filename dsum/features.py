@@ -71,8 +71,8 @@ class Featurizer:
 
     def _ids_many(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text: each distinct text once, in batched tokenizer calls. A call per text
-        costs about as much again in Python as the tokenizing (the instruction and cue, the same for
-        every dialogue, twice over)."""
+        costs about as much again in Python as the tokenizing itself, and every prompt repeats the same
+        instruction and cue."""
         distinct = list(dict.fromkeys(t for t in texts if t))
         ids: dict[str, list[int]] = {}
         for start in range(0, len(distinct), TOKENIZE_BATCH):
