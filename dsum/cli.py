@@ -280,8 +280,8 @@ def is_demo_run(output_dir: Path) -> bool:
 def quiet_libraries() -> None:
     """Library chatter that says nothing to a dsum user stays out of the terminal."""
     # Set either way, tokenizers says nothing when the process forks. True: the featurizer's batched calls
-    # use every core. A forked child that tokenized would deadlock, but dsum forks none (no DataLoader
-    # workers; its subprocesses exec at once).
+    # use every core. A forked child would deadlock if it tokenized; no child of dsum does (no DataLoader
+    # workers; its subprocesses run other programs).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
