@@ -96,7 +96,7 @@ def test_features_of_many_examples_equal_each_made_alone_from_few_tokenizer_call
     together = Featurizer(recipe, counting)
     assert together.training_features(examples) == expected
     assert together.stats == alone.stats and alone.stats.dialogues_truncated and alone.stats.summaries_truncated
-    # One call each for prefixes, dialogues and summaries, the suffix as well; every distinct text once.
+    # One call each for the instructions, the dialogues, the cues and the summaries; every distinct text once.
     assert counting.calls == 4
     distinct = len({e.dialogue for e in examples if e.dialogue}) + len({e.references[0] for e in examples}) + 2
     assert counting.texts <= distinct
