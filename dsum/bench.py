@@ -164,6 +164,7 @@ class BenchOptions:
     eval_dialogues: int | None = None
     notebook_rows: int | None = None
     workdir: Path | None = None  # None: a temporary directory, removed afterwards
+    goals: bool = False  # dsum alone on the workloads with absolute goals (dsum.bench_goals), not the three ways
 
     def sizes(self) -> Sizes:
         sizes = SIZES[self.device]
@@ -176,7 +177,7 @@ class BenchOptions:
 
     def command(self) -> str:
         """The command line that reruns this bench."""
-        words = ["dsum", "bench", "--device", self.device]
+        words = ["dsum", "bench", *(["--goals"] if self.goals else []), "--device", self.device]
         for flag, value in (("--data", self.data), ("--json", self.json_path),
                             ("--models", ",".join(self.models) if self.models else None),
                             ("--train-steps", self.train_steps), ("--eval-dialogues", self.eval_dialogues),
@@ -211,12 +212,17 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             models[spec.name] = bench_model(spec, sizes, data, options.device, workdir / spec.name)
             free_memory()  # the model's weights go before the next model's arrive
     results = summarize(models, sizes, data, options, load_before, time.perf_counter() - started)
-    print(format_table(results), flush=True)
-    if options.json_path is not None:
-        options.json_path.parent.mkdir(parents=True, exist_ok=True)
-        options.json_path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results: {options.json_path}", flush=True)
+    report(format_table(results), results, options.json_path)
     return results
+
+
+def report(table: str, results: dict[str, Any], json_path: Path | None) -> None:
+    """Print the table, and write the results as JSON where asked."""
+    print(table, flush=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {json_path}", flush=True)
 
 
 def check_device(device: str) -> None:
@@ -795,21 +801,30 @@ def read_dsum_window(metrics_file: Path, sizes: Sizes) -> tuple[float, int, int]
     the seconds since the loop began. The timed window runs from the record at the end of the warm-up
     to the last one: the same window the other ways time (warm-up excluded, unlike run.json's
     whole-loop summary)."""
+    seconds, totals = window_totals(metrics_file, sizes, ("tokens_per_second", "processed_tokens_per_second"))
+    return seconds, round(totals["tokens_per_second"]), round(totals["processed_tokens_per_second"])
+
+
+def window_totals(metrics_file: Path, sizes: Sizes, rates: Sequence[str]) -> tuple[float, dict[str, float | None]]:
+    """Seconds of the timed window (see read_dsum_window) and, for each rate logged per second, its
+    amount over the window: the rate times the span of each record. None for a rate a record lacks
+    (MFU where the GPU's peak is not known)."""
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     records = [r for r in records if "tokens_per_second" in r]
     start = next(r for r in records if r["step"] == sizes.warmup_steps)
-    real = processed = 0.0
+    totals: dict[str, float | None] = dict.fromkeys(rates, 0.0)
     previous = start
     for record in records:
         if record["step"] <= sizes.warmup_steps:
             continue
         span = record["elapsed_seconds"] - previous["elapsed_seconds"]
-        real += record["tokens_per_second"] * span
-        processed += record["processed_tokens_per_second"] * span
+        for rate in rates:
+            value = record.get(rate)
+            totals[rate] = None if value is None or totals[rate] is None else totals[rate] + value * span
         previous = record
     if previous["step"] != sizes.warmup_steps + sizes.train_steps:
         raise RuntimeError(f"dsum logged up to step {previous['step']}, not {sizes.warmup_steps + sizes.train_steps}")
-    return previous["elapsed_seconds"] - start["elapsed_seconds"], round(real), round(processed)
+    return previous["elapsed_seconds"] - start["elapsed_seconds"], totals
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
     dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
     dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
     dsum demo [--output-dir DIR]
-    dsum bench [--device cpu|cuda] [--data DIR] [--json FILE] [--models A,B] [--train-steps N] ...
+    dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE] [--models A,B] [--train-steps N] ...
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2;
 a run that cannot go on (a non-finite loss, a failed save) prints one line and exits 1.
@@ -152,13 +152,17 @@ def add_bench_parser(sub) -> None:
         description="Train and evaluate the same random-init models three ways (the course notebook's Trainer, "
                     "transformers' run_summarization_no_trainer, dsum) on DialogSum, and report real tokens/s, "
                     "padding efficiency and dialogues/s. See BENCHMARKS.md.")
+    bench.add_argument("--goals", action="store_true",
+                       help="time dsum alone on the workloads BENCHMARKS.md sets GPU goals for (one flan-t5-base "
+                            "epoch and its evaluation, Llama-2-7B QLoRA and LoRA on rows of 1,024 tokens) instead of "
+                            "comparing three ways")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                        help=f"cpu: small models ({', '.join(m.name for m in CPU_MODELS)}), under 10 minutes on 2 cores; "
                             f"cuda: {', '.join(m.name for m in CUDA_MODELS)}, bf16 (default: cpu)")
     bench.add_argument("--data", type=Path, metavar="DIR",
                        help="the DialogSum directory (train/validation/test .jsonl; default: $DSUM_DIALOGSUM_DIR)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results, machine and command as JSON")
-    bench.add_argument("--models", metavar="A,B", help="comma-separated subset of the device's models (default: all)")
+    bench.add_argument("--models", metavar="A,B", help="comma-separated subset of the device's models, or with --goals of its workloads (default: all)")
     bench.add_argument("--train-steps", type=int, metavar="N",
                        help=f"optimizer steps timed in each way, after the warm-up (default: {per_device('train_steps')})")
     bench.add_argument("--eval-dialogues", type=int, metavar="N",
@@ -244,12 +248,18 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from dsum.bench import BenchOptions, run_bench as bench
+    from dsum.bench import BenchOptions, run_bench as compare_ways
 
     models = tuple(name.strip() for name in args.models.split(",") if name.strip()) if args.models else None
-    bench(BenchOptions(device=args.device, data=args.data, json_path=args.json, models=models,
-                       train_steps=args.train_steps, eval_dialogues=args.eval_dialogues,
-                       notebook_rows=args.notebook_rows, workdir=args.workdir))
+    options = BenchOptions(device=args.device, data=args.data, json_path=args.json, models=models,
+                           train_steps=args.train_steps, eval_dialogues=args.eval_dialogues,
+                           notebook_rows=args.notebook_rows, workdir=args.workdir, goals=args.goals)
+    if options.goals:
+        from dsum.bench_goals import run_goals
+
+        run_goals(options)
+    else:
+        compare_ways(options)
     return 0
 
 

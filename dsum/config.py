@@ -346,4 +346,6 @@ def explain(error: dict[str, Any]) -> str:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    return recipe.model_dump(mode="json")
+    """The resolved recipe, every default filled in, as a recipe file that validates again (run.json,
+    `dsum validate`): the quantization section only where the adapter is QLoRA, the only one to use it."""
+    return recipe.model_dump(mode="json", exclude=None if recipe.adapter.method == "qlora" else {"quantization"})

@@ -63,8 +63,15 @@ class StepClock:
                 | peak_memory(self.cuda))
 
 
+def reset_gpu_peaks(device: torch.device) -> None:
+    """Start the GPU peaks afresh, so a run reports its own, not an earlier run's in the same process
+    (the bench, a notebook). The host peak cannot be reset: it is the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(cuda: bool) -> dict[str, float]:
-    """Peak host RSS of this process, and peak GPU memory allocated and reserved, in GiB."""
+    """Peak host RSS of this process, and peak GPU memory allocated and reserved (since `reset_gpu_peaks`), in GiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peaks = {"peak_host_rss_gib": rss / (2**30 if sys.platform == "darwin" else 2**20)}
     if cuda:

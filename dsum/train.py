@@ -31,7 +31,7 @@ from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, logits_for_targets_only,
                            materialize_base, model_config)
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
-from dsum.telemetry import FlopCounter, StepClock, device_peak_flops
+from dsum.telemetry import FlopCounter, StepClock, device_peak_flops, reset_gpu_peaks
 
 
 
@@ -65,6 +65,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         kwargs_handlers=distributed.process_group_kwargs(),
     )
     check_launch(accelerator, recipe)
+    reset_gpu_peaks(accelerator.device)
     rank, world_size = distributed.rank(), distributed.world_size()
     # Everything the user named is read and checked before anything is written.
     train_examples = load_split(recipe.data, recipe.data.train_split)
@@ -438,6 +439,7 @@ def telemetry_summary(seen: dict[str, float], seconds: float, clock: StepClock, 
                       world_size: int) -> dict[str, float]:
     """Throughput, padding efficiency, FLOPs, time split and memory peaks of the loop, since it started or resumed."""
     return {
+        "loop_seconds": seconds,
         "tokens_per_second": seen["real_tokens"] / seconds,
         "processed_tokens_per_second": seen["processed_tokens"] / seconds,
         "padding_efficiency": seen["real_tokens"] / max(seen["processed_tokens"], 1),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dsum.config import RecipeError, load_recipe
+from dsum.config import RecipeError, load_recipe, recipe_to_dict, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml")) + [ROOT / "dsum" / "demo.yaml"]
@@ -26,6 +26,14 @@ def test_every_recipe_validates_and_says_how_to_launch_it(path):
     assert first.startswith("#"), "a recipe begins with a comment"
     assert "dsum train" in path.read_text().split("\nmodel:")[0] or path.name == "demo.yaml"
     assert recipe.output_dir
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_resolved_recipe_is_a_recipe_again(path):
+    """What run.json and `dsum validate` show, every default filled in, validates back to the same recipe."""
+    recipe = load_recipe(path)
+    assert validate_recipe(recipe_to_dict(recipe)) == recipe
+    assert ("quantization" in recipe_to_dict(recipe)) == (recipe.adapter.method == "qlora")
 
 
 def write(tmp_path, text: str) -> Path:

@@ -192,6 +192,7 @@ def test_telemetry_splits_the_step_time_and_sums_up_the_run(tmp_path):
     shares = [summary[f"{p}_share"] for p in ("data", "forward_backward", "optimizer")]
     assert sum(shares) == pytest.approx(1.0) and all(0 < s < 1 for s in shares)
     assert summary["data_seconds"] == pytest.approx(sum(r["data_seconds"] for r in rows))
+    assert rows[-1]["elapsed_seconds"] <= summary["loop_seconds"] < rows[-1]["elapsed_seconds"] + 1
     assert 0 < summary["padding_efficiency"] <= 1 and summary["tokens_per_second"] > 0
 
 

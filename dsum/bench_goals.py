@@ -1,0 +1,262 @@
+"""`dsum bench --goals`: dsum alone, on the workloads BENCHMARKS.md sets absolute goals for on one GPU.
+
+    dsum bench --goals --device cuda --json goals.json --data PATH_TO_DIALOGSUM
+
+  flan-t5-base      full fine-tuning for one epoch of the training split: seconds, real tokens/s, MFU;
+                    then greedy generation for the test dialogues: seconds
+  llama-2-7b-qlora  QLoRA on rows of 1,024 tokens (training examples packed end to end): real tokens/s
+                    and peak GPU memory
+  llama-2-7b-lora   LoRA on a bf16 base, on the same rows: real tokens/s
+
+The models are the bench's random-init architectures, the recipes the repository's (optimizer,
+precision, adapter, gradient checkpointing), with dsum's speed settings. Where the three-way bench
+(`dsum.bench`) compares ways on the same few steps, this one times what a user runs: the epoch from
+its first step to its last, the Llama runs over the bench's timed steps after its warm-up.
+`--device cpu` runs the bench's small stand-ins the same way, with no goals: a check of the whole path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dsum.bench import (MODELS, BenchData, BenchOptions, ModelSpec, Sizes, check_device, data_directory,
+                        dsum_speed_settings, eval_dsum, eval_model, free_memory, fresh_state, machine, phase,
+                        recipe_settings, report, save_base, base_name, window_totals, workspace)
+from dsum.config import Recipe, RecipeError, validate_recipe
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is timed on one of the device's bench models, and the goals its figures must meet."""
+
+    model: str  # a ModelSpec name of the device (dsum.bench.MODELS)
+    epoch: bool = False  # one epoch of the training examples, first step included; else the bench's timed steps
+    sequence_length: int | None = None  # causal: the examples packed end to end in rows of this many tokens
+    evaluate: bool = False  # also generate for the test dialogues
+    eval_batch_size: int | None = None  # dialogues per generate call (halved if they do not fit); None: Sizes.dsum_eval_batch
+    goals: dict[str, tuple[str, float]] = field(default_factory=dict)  # figure: ("<=" or ">=", bound)
+
+
+# The goals hold on one H100 or H200; the CPU stand-ins have none.
+WORKLOADS = {
+    "cuda": (
+        Workload("flan-t5-base", epoch=True, evaluate=True, eval_batch_size=512,  # all 500 test dialogues at once
+                 goals={"train_seconds": ("<=", 20.0), "mfu": (">=", 0.25), "eval_seconds": ("<=", 3.0)}),
+        Workload("llama-2-7b-qlora", sequence_length=1024,
+                 goals={"real_tokens_per_second": (">=", 5000.0), "peak_gpu_reserved_gib": ("<=", 10.0)}),
+        Workload("llama-2-7b-lora", sequence_length=1024, goals={"real_tokens_per_second": (">=", 8000.0)}),
+    ),
+    "cpu": (
+        Workload("t5", epoch=True, evaluate=True),
+        Workload("llama", sequence_length=1024),
+    ),
+}
+
+
+def run_goals(options: BenchOptions) -> dict[str, Any]:
+    """Time every chosen workload; print the figures against their goals; write the JSON if asked."""
+    started = time.perf_counter()
+    if options.notebook_rows is not None:
+        raise RecipeError("--notebook-rows: --goals times dsum alone, with no notebook way; leave it out")
+    check_device(options.device)
+    sizes = options.sizes()
+    workloads = select_workloads(options.device, options.models)
+    data_dir = data_directory(options.data)
+    load_before = os.getloadavg()
+    with workspace(options.workdir) as workdir:
+        with phase("data and tokenizer") as note:
+            data = BenchData.load(data_dir, sizes, workdir / "tokenizer")
+            note(f"{len(data.train)} training dialogues, {len(data.test)} test dialogues")
+        results = {}
+        for workload in workloads:
+            results[workload.model] = run_workload(workload, sizes, data, options.device, workdir)
+            free_memory()
+    summary = {
+        "goals_met": overall([goal["met"] for r in results.values() for goal in r["goals"].values()]),
+        "workloads": results,
+        "data": {"directory": str(data.directory), "train_dialogues": len(data.train),
+                 "test_dialogues": len(data.test), "tokenizer_vocab": sizes.vocab_size},
+        "sizes": asdict(sizes),
+        "machine": machine(options.device, load_before),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": options.command(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    report(format_goals(summary), summary, options.json_path)
+    return summary
+
+
+def select_workloads(device: str, names: tuple[str, ...] | None) -> list[Workload]:
+    known = {w.model: w for w in WORKLOADS[device]}
+    unknown = [name for name in names or () if name not in known]
+    if unknown:
+        raise RecipeError(f"--models: {', '.join(unknown)} has no goals run on {device}; choose from "
+                          f"{', '.join(known)}")
+    return [known[name] for name in dict.fromkeys(names)] if names else list(known.values())
+
+
+def spec_of(device: str, name: str) -> ModelSpec:
+    return next(spec for spec in MODELS[device] if spec.name == name)
+
+
+def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str, workdir: Path) -> dict[str, Any]:
+    from dsum.train import train
+
+    spec = spec_of(device, workload.model)
+    with phase(f"{spec.name}: random-init base") as note:
+        base, parameters = save_base(spec, sizes, data, device, workdir / "bases" / base_name(spec))
+        note(f"{parameters:,} parameters")
+    recipe = workload_recipe(spec, workload, sizes, data, base, workdir / spec.name)
+    what = "one epoch" if workload.epoch else f"{sizes.train_steps} steps after {sizes.warmup_steps} of warm-up"
+    with phase(f"{spec.name}: train, {what}") as note:
+        fresh_state(sizes.seed)
+        train(recipe, overwrite=True)
+        figures = training_figures(workload, recipe, sizes)
+        note(f"{figures['real_tokens_per_second']:,.0f} real tokens/s over {figures['train_seconds']:.1f}s")
+    free_memory()
+    if workload.evaluate:
+        from transformers import AutoTokenizer
+
+        with phase(f"{spec.name}: generate for {len(data.test)} test dialogues") as note:
+            model = eval_model(recipe, base, sizes, device)
+            speed = eval_dsum(recipe, model, AutoTokenizer.from_pretrained(data.tokenizer_dir), data.test, device)
+            figures.update(eval_seconds=speed.seconds_timed, eval_dialogues_per_second=speed.dialogues_per_second,
+                           eval_mean_new_tokens=speed.mean_new_tokens)
+            note(f"{speed.seconds_timed:.2f}s, {speed.dialogues_per_second:.1f} dialogues/s")
+            del model
+    return {
+        "parameters": parameters,
+        "architecture": spec.architecture,
+        "recipe": spec.recipe if isinstance(spec.recipe, str) else "inline (dsum/bench.py cpu_recipe)",
+        "adapter": recipe.adapter.method,
+        "settings": {"epoch": workload.epoch, "sequence_length": workload.sequence_length,
+                     **{key: getattr(recipe.train, key) for key in ("group_by_length", "max_tokens_per_batch", "packing",
+                                                                    "gradient_accumulation_steps", "optimizer",
+                                                                    "mixed_precision", "gradient_checkpointing")},
+                     "eval_batch_size": recipe.eval.batch_size, "eval_max_new_tokens": recipe.eval.max_new_tokens,
+                     "eval_dtype": sizes.eval_dtype},
+        "figures": figures,
+        "goals": {name: judge(figures.get(name), goal) for name, goal in workload.goals.items()},
+    }
+
+
+def workload_recipe(spec: ModelSpec, workload: Workload, sizes: Sizes, data: BenchData, base: Path,
+                    output_dir: Path) -> Recipe:
+    """The spec's recipe as a user runs it, on the saved base and the bench's tokenizer and data, with
+    dsum's speed settings: length-grouped token budgets, or packed rows of `sequence_length`."""
+    from transformers import AutoTokenizer
+
+    from dsum.features import Featurizer
+
+    raw = recipe_settings(spec)
+    model = raw.get("model", {})
+    raw["model"] = {"family": model["family"], "dtype": model.get("dtype", "float32"), "name_or_path": str(base)}
+    raw["tokenizer"] = {**raw.get("tokenizer", {}), "name_or_path": str(data.tokenizer_dir)}
+    raw["data"] = {"source": str(data.directory), "max_train_samples": sizes.train_examples}
+    length = ({"num_epochs": 1, "max_steps": None} if workload.epoch else
+              {"max_steps": sizes.warmup_steps + sizes.train_steps,
+               "logging_steps": math.gcd(sizes.warmup_steps, sizes.train_steps)})  # for read_dsum_window
+    raw["train"] = {**raw.get("train", {}), **length, "eval_steps": None, "save_steps": None, "eval_max_batches": 1,
+                    "trackers": [], "seed": sizes.seed}
+    raw["eval"] = {**raw.get("eval", {}), "after_training": False,
+                   "batch_size": workload.eval_batch_size or sizes.dsum_eval_batch,
+                   "max_new_tokens": sizes.max_new_tokens, "num_beams": 1, "do_sample": False,
+                   "validation_samples": 0}
+    raw["output_dir"] = str(output_dir)
+    if workload.sequence_length is not None:
+        speed = {"packing": True, "max_tokens_per_batch": workload.sequence_length, "group_by_length": False}
+    else:
+        recipe = validate_recipe(raw, source=f"dsum bench --goals recipe for {spec.name}")
+        features = Featurizer(recipe, AutoTokenizer.from_pretrained(data.tokenizer_dir)).training_features(data.train)
+        speed = dsum_speed_settings(recipe.model.family, recipe.train.per_device_batch_size, features)
+    raw["train"].update(speed)
+    return validate_recipe(raw, source=f"dsum bench --goals recipe for {spec.name}")
+
+
+def training_figures(workload: Workload, recipe: Recipe, sizes: Sizes) -> dict[str, Any]:
+    """From the run's own telemetry: over the whole loop for an epoch (run.json), over the timed steps
+    after the warm-up otherwise (metrics.jsonl)."""
+    output_dir = Path(recipe.output_dir)
+    run = json.loads((output_dir / "run.json").read_text())
+    telemetry = run["telemetry"]
+    figures = {"steps": run["total_steps"], "train_examples": run["num_train_examples"],
+               "peak_gpu_allocated_gib": telemetry.get("peak_gpu_allocated_gib"),
+               "peak_gpu_reserved_gib": telemetry.get("peak_gpu_reserved_gib"),
+               "peak_host_rss_gib": telemetry["peak_host_rss_gib"]}
+    if workload.epoch:
+        return figures | {"train_seconds": telemetry["loop_seconds"],
+                          "real_tokens_per_second": telemetry["tokens_per_second"],
+                          "padding_efficiency": telemetry["padding_efficiency"],
+                          "model_tflops_per_second": telemetry["model_tflops_per_second"], "mfu": telemetry.get("mfu")}
+    seconds, totals = window_totals(output_dir / "metrics.jsonl", sizes, ("tokens_per_second",
+                                    "processed_tokens_per_second", "model_tflops_per_second", "mfu"))
+    return figures | {"train_seconds": seconds, "real_tokens_per_second": totals["tokens_per_second"] / seconds,
+                      "padding_efficiency": totals["tokens_per_second"] / totals["processed_tokens_per_second"],
+                      "model_tflops_per_second": totals["model_tflops_per_second"] / seconds,
+                      "mfu": None if totals["mfu"] is None else totals["mfu"] / seconds}
+
+
+def judge(value: float | None, goal: tuple[str, float]) -> dict[str, Any]:
+    """A figure against its goal; `met` is None where the figure was not measured (MFU on an unknown GPU)."""
+    sign, bound = goal
+    if sign not in ("<=", ">="):
+        raise ValueError(f"a goal is '<=' or '>=' a bound, not {sign!r}")
+    met = None if value is None else (value <= bound if sign == "<=" else value >= bound)
+    return {"value": value, "goal": f"{sign} {bound:g}", "met": met}
+
+
+def overall(verdicts: list[bool | None]) -> bool | None:
+    """False if a goal was missed; else None if one was not measured (or there are none); else True."""
+    if False in verdicts:
+        return False
+    return None if not verdicts or None in verdicts else True
+
+
+FIGURES = {  # name: (label, format)
+    "train_seconds": ("train seconds", "{:.1f}"),
+    "real_tokens_per_second": ("train real tokens/s", "{:,.0f}"),
+    "padding_efficiency": ("train padding efficiency", "{:.2f}"),
+    "model_tflops_per_second": ("model TFLOP/s", "{:.2f}"),
+    "mfu": ("MFU", "{:.1%}"),
+    "peak_gpu_allocated_gib": ("peak GPU allocated, GiB", "{:.2f}"),
+    "peak_gpu_reserved_gib": ("peak GPU reserved, GiB", "{:.2f}"),
+    "eval_seconds": ("eval seconds", "{:.2f}"),
+    "eval_dialogues_per_second": ("eval dialogues/s", "{:.1f}"),
+}
+
+
+def format_goals(summary: dict[str, Any]) -> str:
+    lines = []
+    for name, result in summary["workloads"].items():
+        settings = result["settings"]
+        shape = (f"packed rows of {settings['sequence_length']} tokens" if settings["sequence_length"]
+                 else f"length-grouped batches of up to {settings['max_tokens_per_batch']} tokens")
+        method = "full fine-tuning" if result["adapter"] == "none" else result["adapter"]
+        lines += ["", f"{name} ({result['parameters']:,} parameters, {method}; "
+                      f"{'one epoch' if settings['epoch'] else 'timed steps'}, {shape})"]
+        for figure, (label, form) in FIGURES.items():
+            value = result["figures"].get(figure)
+            if value is None:
+                continue
+            goal = result["goals"].get(figure)
+            verdict = "" if goal is None else f"  [{goal['goal']}: {'met' if goal['met'] else 'missed'}]"
+            lines.append(f"  {label:28}{form.format(value):>12}{verdict}")
+        for figure, goal in result["goals"].items():
+            if goal["value"] is None:
+                lines.append(f"  {FIGURES[figure][0]:28}{'n/a':>12}  [{goal['goal']}: not measured on this device]")
+    met = summary["goals_met"]
+    lines.append("")
+    lines.append("goals: " + ("none on this device (the goals are for one H100 or H200)" if not any(
+        r["goals"] for r in summary["workloads"].values()) else {True: "all met", False: "some missed",
+                                                                 None: "not all measured"}[met]))
+    gpu = summary["machine"].get("gpu")
+    lines.append(f"machine: {gpu or summary['machine']['cpu']}, torch {summary['machine']['torch']}; "
+                 f"total wall time: {summary['wall_seconds']:.0f}s")
+    return "\n".join(lines)
