@@ -151,7 +151,8 @@ def add_bench_parser(sub) -> None:
         "bench", help="time dsum's training and evaluation against the course notebook and the no_trainer example",
         description="Train and evaluate the same random-init models three ways (the course notebook's Trainer, "
                     "transformers' run_summarization_no_trainer, dsum) on DialogSum, and report real tokens/s, "
-                    "padding efficiency and dialogues/s. See BENCHMARKS.md.")
+                    "padding efficiency and dialogues/s; with --goals, time dsum alone against BENCHMARKS.md's GPU goals. "
+                    "See BENCHMARKS.md.")
     bench.add_argument("--goals", action="store_true",
                        help="time dsum alone on the workloads BENCHMARKS.md sets GPU goals for (one flan-t5-base "
                             "epoch and its evaluation, Llama-2-7B QLoRA and LoRA on rows of 1,024 tokens) instead of "
