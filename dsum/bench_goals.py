@@ -26,9 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dsum.bench import (MODELS, BenchData, BenchOptions, ModelSpec, Sizes, check_device, data_directory,
+from dsum.bench import (BenchData, BenchOptions, ModelSpec, Sizes, check_device, data_directory,
                         dsum_speed_settings, eval_dsum, eval_model, free_memory, fresh_state, machine, phase,
-                        recipe_settings, report, save_base, base_name, window_totals, workspace)
+                        recipe_settings, report, save_base, base_name, select_models, window_totals, workspace)
 from dsum.config import Recipe, RecipeError, validate_recipe
 
 
@@ -40,7 +40,8 @@ class Workload:
     epoch: bool = False  # one epoch of the training examples, first step included; else the bench's timed steps
     sequence_length: int | None = None  # causal: the examples packed end to end in rows of this many tokens
     evaluate: bool = False  # also generate for the test dialogues
-    eval_batch_size: int | None = None  # dialogues per generate call (halved if they do not fit); None: Sizes.dsum_eval_batch
+    # Dialogues per generate call, halved if they do not fit; None: Sizes.dsum_eval_batch.
+    eval_batch_size: int | None = None
     goals: dict[str, tuple[str, float]] = field(default_factory=dict)  # figure: ("<=" or ">=", bound)
 
 
@@ -102,14 +103,10 @@ def select_workloads(device: str, names: tuple[str, ...] | None) -> list[Workloa
     return [known[name] for name in dict.fromkeys(names)] if names else list(known.values())
 
 
-def spec_of(device: str, name: str) -> ModelSpec:
-    return next(spec for spec in MODELS[device] if spec.name == name)
-
-
 def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str, workdir: Path) -> dict[str, Any]:
     from dsum.train import train
 
-    spec = spec_of(device, workload.model)
+    [spec] = select_models(device, [workload.model])
     with phase(f"{spec.name}: random-init base") as note:
         base, parameters = save_base(spec, sizes, data, device, workdir / "bases" / base_name(spec))
         note(f"{parameters:,} parameters")

@@ -163,7 +163,9 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--data", type=Path, metavar="DIR",
                        help="the DialogSum directory (train/validation/test .jsonl; default: $DSUM_DIALOGSUM_DIR)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results, machine and command as JSON")
-    bench.add_argument("--models", metavar="A,B", help="comma-separated subset of the device's models, or with --goals of its workloads (default: all)")
+    bench.add_argument("--models", metavar="A,B",
+                       help="comma-separated subset of the device's models, or with --goals of its workloads "
+                            "(default: all)")
     bench.add_argument("--train-steps", type=int, metavar="N",
                        help=f"optimizer steps timed in each way, after the warm-up (default: {per_device('train_steps')})")
     bench.add_argument("--eval-dialogues", type=int, metavar="N",

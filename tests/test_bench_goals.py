@@ -124,7 +124,7 @@ def _data(workdir: Path, examples: int = 50) -> bench.BenchData:
 def test_gpu_workloads_run_the_repository_recipes_with_their_shapes(run, tmp_path):
     """Everything before the GPU: each workload's recipe, built on the bench's tokenizer."""
     _, _, workdir = run
-    recipes = {w.model: bench_goals.workload_recipe(bench_goals.spec_of("cuda", w.model), w, bench.CUDA_SIZES,
+    recipes = {w.model: bench_goals.workload_recipe(bench.select_models("cuda", [w.model])[0], w, bench.CUDA_SIZES,
                                                     _data(workdir), tmp_path / "base", tmp_path / w.model)
                for w in bench_goals.WORKLOADS["cuda"]}
     t5, qlora, lora = recipes["flan-t5-base"], recipes["llama-2-7b-qlora"], recipes["llama-2-7b-lora"]
