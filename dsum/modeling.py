@@ -53,7 +53,7 @@ def load_tokenizer(recipe: Recipe, output_dir: Path, corpus: Callable[[], Iterab
                 source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
             )
         except OSError as err:
-            raise RecipeError(f"tokenizer: cannot load {source!r} ({first_line(err)})") from None
+            raise cannot_load("tokenizer", source, err) from None
     if tokenizer.pad_token is None:
         # Llama-style tokenizers ship without a pad token; padding is masked, so any id will do.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -97,7 +97,7 @@ def model_config(recipe: Recipe, tokenizer) -> Any:
         try:
             config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
         except OSError as err:
-            raise RecipeError(f"model.name_or_path: cannot load {m.name_or_path!r} ({first_line(err)})") from None
+            raise cannot_load("model.name_or_path", m.name_or_path, err) from None
     else:
         arch = m.architecture
         if isinstance(arch, str):
@@ -204,7 +204,7 @@ def load_model(recipe: Recipe, source: str | Path, *, for_training: bool = True)
     try:
         model = auto_class(recipe.model.family).from_pretrained(source, **kwargs)
     except OSError as err:
-        raise RecipeError(f"model: cannot load {str(source)!r} ({first_line(err)})") from None
+        raise cannot_load("model", str(source), err) from None
     if for_training:
         model = prepare_for_training(recipe, model)
     return model
@@ -287,6 +287,18 @@ def meta_model(recipe: Recipe, config: Any):
 
 def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
+
+
+def cannot_load(field: str, source: str, err: OSError) -> RecipeError:
+    """The one-line error for a tokenizer or model that does not load. Where the Hub could not be
+    reached, it says how to fail at once next time: without a cached copy, huggingface_hub retries a
+    network error with backoff (about 25 s a file) before giving up."""
+    from huggingface_hub import constants
+
+    message = f"{field}: cannot load {source!r} ({first_line(err)})"
+    if "couldn't connect" in str(err) and not constants.HF_HUB_OFFLINE:
+        message += "; without internet, give a local directory, or set HF_HUB_OFFLINE=1 to use the Hub cache alone"
+    return RecipeError(message)
 
 
 def first_line(err: BaseException) -> str:

@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT
 
 
-def dsum(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def dsum(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dsum", *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                          timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})
 
 
 @pytest.mark.parametrize("family, masked", [("t5", "Summarize the following conversation."), ("llama", "<s>Summarize")])
@@ -37,7 +37,10 @@ def test_validate_shows_the_run_without_training(tmp_path, family, masked):
 
 
 def test_validate_of_a_hub_recipe_offline_still_checks_the_recipe(tmp_path):
-    result = dsum("validate", "recipes/flan-t5-base/lora.yaml", "data.source=synthetic", f"output_dir={tmp_path}/x")
+    # HF_HUB_OFFLINE=1: the same failure to load as with no network, without huggingface_hub's retries
+    # (about 50 s here); the hint that says so is tested in tests/test_errors.py.
+    result = dsum("validate", "recipes/flan-t5-base/lora.yaml", "data.source=synthetic", f"output_dir={tmp_path}/x",
+                  HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr
     assert "global batch size: 16" in result.stdout
     assert "parameters and example: not available here" in result.stdout

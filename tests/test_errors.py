@@ -201,3 +201,26 @@ def test_bad_input_is_refused_in_one_line(tmp_path, monkeypatch, capsys, make_ar
 
 def test_the_catalogue_is_long_enough():
     assert len(CASES) >= 30
+
+
+def test_a_hub_model_out_of_reach_says_how_to_fail_at_once(monkeypatch):
+    """Without a cached copy and without internet, huggingface_hub retries for about 25 s a file before
+    it gives up; the error then says how to get it at once (HF_HUB_OFFLINE=1) or avoid it (a local path)."""
+    from huggingface_hub import constants
+
+    from dsum.config import RecipeError, load_recipe
+    from dsum.modeling import cannot_load, load_tokenizer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the real failure, without the retries
+    with pytest.raises(RecipeError) as offline:
+        load_tokenizer(load_recipe(ROOT / "recipes" / "flan-t5-base" / "lora.yaml"), ROOT / "never")
+    unreachable = offline.value.__context__
+    assert str(offline.value).startswith("tokenizer: cannot load 'google/flan-t5-base' (We couldn't connect")
+    assert "HF_HUB_OFFLINE" not in str(offline.value)  # set already: nothing to suggest
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hinted = str(cannot_load("tokenizer", "google/flan-t5-base", unreachable))
+    assert hinted.endswith("; without internet, give a local directory, or set HF_HUB_OFFLINE=1 to use the Hub "
+                           "cache alone")
+    typo = OSError("org/typo is not a local folder and is not a valid model identifier listed on the Hub")
+    assert "HF_HUB_OFFLINE" not in str(cannot_load("model.name_or_path", "org/typo", typo))
