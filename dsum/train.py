@@ -136,6 +136,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     guard = NonFiniteGuard(cfg.on_nonfinite_loss, accelerator.device, state.get("skipped_steps", 0))
     clock = StepClock(accelerator.device)
     seen = {"real_tokens": 0.0, "processed_tokens": 0.0, "flops": 0.0}  # over the whole loop, for the summary in run.json
+    set_aside = 0.0  # seconds the loop spent validating and saving checkpoints: not training, not in the rates
     started = last_log = time.perf_counter()
     while step < total_steps:
         clock.start()
@@ -182,6 +183,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         if step % cfg.logging_steps == 0 or step == total_steps:
             loss_total, targets, real_tokens, processed, flops = window_log.totals()
             now = time.perf_counter()
+            seconds = now - last_log  # training time since the last log (validation and saves moved last_log on)
             seen["real_tokens"] += real_tokens
             seen["processed_tokens"] += processed
             seen["flops"] += flops
@@ -191,10 +193,10 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 "loss": loss_total / max(targets, 1),
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_second": real_tokens / (now - last_log),
-                "processed_tokens_per_second": processed / (now - last_log),
+                "tokens_per_second": real_tokens / seconds,
+                "processed_tokens_per_second": processed / seconds,
                 "padding_efficiency": real_tokens / max(processed, 1),
-                **model_flops(flops, now - last_log, peak_flops, world_size),
+                **model_flops(flops, seconds, peak_flops, world_size),
                 "elapsed_seconds": now - started,
                 **clock.read(),
             }
@@ -208,6 +210,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             window_log.reset()
             last_log = now
 
+        aside_from = time.perf_counter()
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
             metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
@@ -216,6 +219,9 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             guard.check(run)  # never save weights a non-finite loss has reached
             checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped),
                                        cfg.save_total_limit)
+        aside = time.perf_counter() - aside_from
+        last_log += aside  # the next logged rates count training time alone
+        set_aside += aside
     progress.close()
     loop_seconds = time.perf_counter() - started
     guard.check(run)
@@ -235,7 +241,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                  accelerator=accelerator)
     run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
                skipped_steps=guard.skipped,
-               telemetry=telemetry_summary(seen, loop_seconds, clock, peak_flops, world_size))
+               telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size))
     trackers.finish()
     accelerator.end_training()
     return final
@@ -435,11 +441,15 @@ def zero3_init_disabled(accelerator):
         set_hf_deepspeed_config(plugin.dschf)
 
 
-def telemetry_summary(seen: dict[str, float], seconds: float, clock: StepClock, peak_flops: float | None,
-                      world_size: int) -> dict[str, float]:
-    """Throughput, padding efficiency, FLOPs, time split and memory peaks of the loop, since it started or resumed."""
+def telemetry_summary(seen: dict[str, float], loop_seconds: float, set_aside: float, clock: StepClock,
+                      peak_flops: float | None, world_size: int) -> dict[str, float]:
+    """Throughput, padding efficiency, FLOPs, time split and memory peaks of the loop, since it started or
+    resumed. The rates are over its training time: the loop's, less its validations and checkpoint saves."""
+    seconds = loop_seconds - set_aside
     return {
-        "loop_seconds": seconds,
+        "loop_seconds": loop_seconds,
+        "validation_and_checkpoint_seconds": set_aside,
+        "training_seconds": seconds,
         "tokens_per_second": seen["real_tokens"] / seconds,
         "processed_tokens_per_second": seen["processed_tokens"] / seconds,
         "padding_efficiency": seen["real_tokens"] / max(seen["processed_tokens"], 1),

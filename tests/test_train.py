@@ -196,6 +196,33 @@ def test_telemetry_splits_the_step_time_and_sums_up_the_run(tmp_path):
     assert 0 < summary["padding_efficiency"] <= 1 and summary["tokens_per_second"] > 0
 
 
+def test_validation_and_checkpoint_time_is_kept_out_of_the_rates(tmp_path, monkeypatch):
+    """A slow validation (one that sleeps 3 s here) is in the loop's wall time, not in its tokens/s or MFU."""
+    import time
+
+    import dsum.train as loop
+
+    validate = loop.validate
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(3.0)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", slow_validate)
+    run = train(tiny("t5-full", tmp_path / "run", "train.max_steps=4", "train.logging_steps=2", "train.eval_steps=2",
+                     "train.save_steps=2")).parent
+    before, after = metric_rows(run)  # steps 1-2, then 3-4 after the validation and the checkpoint at step 2
+    assert after["elapsed_seconds"] - before["elapsed_seconds"] > 3.0  # the wall clock saw the validation
+    assert after["tokens_per_second"] > before["tokens_per_second"] / 2  # its rate did not (15x lower if it did)
+    summary = json.loads((run / "run.json").read_text())["telemetry"]
+    assert summary["validation_and_checkpoint_seconds"] > 3.0
+    assert summary["training_seconds"] == pytest.approx(summary["loop_seconds"]
+                                                         - summary["validation_and_checkpoint_seconds"])
+    assert summary["training_seconds"] < 3.0  # four tiny steps
+    phases = sum(summary[f"{p}_seconds"] for p in ("data", "forward_backward", "optimizer"))
+    assert phases <= summary["training_seconds"]
+
+
 def metric_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
