@@ -198,6 +198,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     from dsum.preview import describe_recipe
 
+    if args.num_processes is not None and args.num_processes < 1:
+        raise RecipeError(f"--num-processes: must be at least 1, got {args.num_processes}")
     recipe = load_recipe(args.recipe, args.overrides)
     world_size = args.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
     print(describe_recipe(recipe, world_size))
@@ -245,6 +247,8 @@ def run_score(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from dsum.report import compare
 
+    if args.samples < 0:
+        raise RecipeError(f"--samples: must be at least 0, got {args.samples}")
     out = compare(args.runs, args.out, samples=args.samples)
     print(f"report: {out / 'report.html'} (also report.md, rouge.csv, changes.csv, samples.csv)")
     return 0

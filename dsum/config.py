@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -45,6 +45,19 @@ class ModelConfig(Section):
     dtype: Dtype = Field("float32", description="dtype the base weights are loaded in")
     trust_remote_code: bool = False
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None lets transformers choose")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str | None) -> str | None:
+        if value is None or "/" in value:  # a kernel on the Hub (kernels-community/...): checked when it loads
+            return value
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        known = ["eager", *(k.removeprefix("paged|") for k in ALL_ATTENTION_FUNCTIONS.valid_keys())]
+        if value.removeprefix("paged|") not in known:
+            raise ValueError(f"got {value!r}; expected one of {', '.join(dict.fromkeys(known))} "
+                             "(or a Hub kernel, org/name)")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -205,6 +218,9 @@ class Recipe(Section):
             )
         if self.tokenizer.name_or_path is None and not self.tokenizer.train and self.model.name_or_path is None:
             raise ValueError("a randomly initialised model needs tokenizer.name_or_path or tokenizer.train: true")
+        if self.tokenizer.train and self.tokenizer.name_or_path is not None:
+            raise ValueError("tokenizer.train: true trains a new tokenizer, so tokenizer.name_or_path would go unused; "
+                             "set one of the two")
         if "quantization" in self.model_fields_set and self.adapter.method != "qlora":
             raise ValueError(f"quantization is set but adapter.method is {self.adapter.method!r}; a 4-bit base is "
                              "frozen, so it needs adapter.method: qlora (or remove the quantization section)")
@@ -283,6 +299,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         section = _section_type(annotation)
         if last:
             node[part] = _parse_value(text, annotation, key)
+        elif section is None and isinstance(node.get(part), dict):  # an inline mapping: model.architecture.num_layers
+            mapping = node[part] = dict(node[part])
+            for sub in parts[depth + 1 : -1]:
+                mapping = mapping.setdefault(sub, {})
+                if not isinstance(mapping, dict):
+                    raise RecipeError(f"override {key!r}: {sub} is a value, not a mapping")
+            mapping[parts[-1]] = _parse_value(text, Any, key)
+            return
         elif section is None:
             raise RecipeError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         else:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from dsum import distributed
-from dsum.config import Recipe, RecipeError
+from dsum.config import Recipe, RecipeError, recipe_to_dict
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, Prediction, generate_predictions
 from dsum.preemption import StopSignals
@@ -29,11 +29,17 @@ from dsum.scoring import interleave, rouge_from_matrix, rouge_table, spread_scor
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
+IDENTITY_FILE = "evaluation.json"  # in partial/: what its predictions were made with
+# Settings that change how fast predictions come, not what they are: a resumed evaluation may change them.
+SPEED_ONLY = ("batch_size", "cache", "compile", "after_training", "validation_samples")
 
 
-def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
+def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator, model_source: str,
              stop: StopSignals | None = None) -> dict | None:
-    """Every rank generates and scores its share; rank 0 writes the files and returns the metrics."""
+    """Every rank generates and scores its share; rank 0 writes the files and returns the metrics.
+    `model_source` names the model (a checkpoint, or the base for zero-shot) in metrics.json."""
+    identity = evaluation_identity(recipe, model_source)
+    claim_partial(output_dir, identity)
     examples = load_split(recipe.data, recipe.eval.split)[: recipe.eval.max_samples]
     partial = output_dir / PARTIAL_DIR
     shots = (pick_shots(load_split(recipe.data, recipe.data.train_split), recipe.prompt.shots, recipe.train.seed)
@@ -59,6 +65,7 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
         "generated_tokens_per_second": generated / seconds,
         "world_size": distributed.world_size(),
         "shots": recipe.prompt.shots,
+        "model": model_source,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
@@ -70,6 +77,50 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
     print(rouge_table(metrics, title), flush=True)
     distributed.barrier()
     return metrics
+
+
+def evaluation_identity(recipe: Recipe, model_source: str) -> dict:
+    """What the predictions depend on: the model, and the recipe's model, tokenizer, data, prompt and
+    generation settings."""
+    settings = recipe_to_dict(recipe)
+    return {"model": model_source, "recipe": {
+        **{section: settings[section] for section in ("model", "tokenizer", "data", "prompt")},
+        "eval": {key: value for key, value in settings["eval"].items() if key not in SPEED_ONLY}}}
+
+
+def check_partial(output_dir: Path, identity: dict) -> None:
+    """Resume only the evaluation that was interrupted: predictions left in `partial/` by another model,
+    or with other settings, are refused, never mixed in."""
+    partial = output_dir / PARTIAL_DIR
+    earlier = read_identity(partial)
+    if earlier == identity or not any(partial.glob("rank-*.jsonl")):
+        return
+    if earlier is None:
+        what = "of unknown origin"
+    elif earlier["model"] != identity["model"]:
+        what = f"of another model ({earlier['model']})"
+    else:
+        keys = sorted(f"{section}.{key}" for section, values in identity["recipe"].items()
+                      for key in values if earlier["recipe"].get(section, {}).get(key) != values[key])
+        what = f"made with other settings ({', '.join(keys)})"
+    raise RecipeError(f"{partial} holds the predictions of an unfinished evaluation {what}; pass --overwrite "
+                      "to start afresh, or --output-dir to write elsewhere")
+
+
+def claim_partial(output_dir: Path, identity: dict) -> None:
+    """`check_partial`, then mark `partial/` as this evaluation's."""
+    check_partial(output_dir, identity)
+    partial = output_dir / PARTIAL_DIR
+    distributed.barrier()  # every rank has looked before the mark is written
+    if distributed.is_main() and read_identity(partial) != identity:  # nothing generated yet, or ours already
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / IDENTITY_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+    distributed.barrier()
+
+
+def read_identity(partial: Path) -> dict | None:
+    marker = partial / IDENTITY_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
 
 
 def spread_score_matrix(predictions: list[Prediction]) -> list:
@@ -101,11 +152,40 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
         (output_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
     distributed.barrier()
+    source = model_source(recipe, checkpoint)
+    check_partial(output_dir, evaluation_identity(recipe, source))  # before the model is loaded: fail fast
     with StopSignals() as stop:
         model, tokenizer = load_for_eval(recipe, checkpoint)
         model = prepare_for_inference(accelerator, model, recipe)
         return evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir,
-                        accelerator=accelerator, stop=stop)
+                        accelerator=accelerator, model_source=source, stop=stop)
+
+
+def check_family(recipe: Recipe, checkpoint: Path) -> None:
+    """A checkpoint is evaluated with the recipe's model family: a seq2seq model under a causal recipe
+    (or the reverse) is refused in one line instead of failing deep in transformers."""
+    if (checkpoint / "adapter_config.json").is_file():
+        task = json.loads((checkpoint / "adapter_config.json").read_text()).get("task_type")
+        family = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}.get(task)
+        what = f"a {task} adapter"
+    elif (checkpoint / "config.json").is_file():
+        config = json.loads((checkpoint / "config.json").read_text())
+        family = "seq2seq" if config.get("is_encoder_decoder") else "causal"
+        what = f"a {config.get('model_type', 'model')} model, {family}"
+    else:
+        return  # load_for_eval says what is missing
+    if family is not None and family != recipe.model.family:
+        raise RecipeError(f"--checkpoint {checkpoint}: {what}, but the recipe's model.family is "
+                          f"{recipe.model.family}; evaluate it with the recipe it was trained with")
+
+
+def model_source(recipe: Recipe, checkpoint: Path | None) -> str:
+    """The evaluated model as metrics.json names it: the checkpoint, or the base alone (zero-shot)."""
+    from dsum.modeling import BASE_DIR
+
+    if checkpoint is not None:
+        return str(checkpoint.resolve())
+    return recipe.model.name_or_path or str((Path(recipe.output_dir) / BASE_DIR).resolve())
 
 
 def prepare_for_inference(accelerator, model, recipe: Recipe):
@@ -128,6 +208,8 @@ def load_for_eval(recipe: Recipe, checkpoint: Path | None):
 
     if checkpoint is not None and not checkpoint.is_dir():
         raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
+    if checkpoint is not None:
+        check_family(recipe, checkpoint)
     run_dir = Path(recipe.output_dir)
     base = recipe.model.name_or_path or run_dir / BASE_DIR
     if recipe.model.name_or_path is None and not (run_dir / BASE_DIR / "config.json").is_file():

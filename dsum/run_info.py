@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsum import distributed
+from dsum.checkpoint import complete_checkpoints
 from dsum.config import Recipe, RecipeError, recipe_to_dict
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,12 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     if overwrite:
         return None
     status = read_status(run_file)
-    hint = "pass --resume latest to continue it, or " if status != "finished" else ""
+    if status == "finished":
+        hint = ""
+    elif complete_checkpoints(output_dir):
+        hint = "pass --resume latest to continue it, or "
+    else:  # stopped or crashed before its first checkpoint
+        hint = "it saved no checkpoint to resume from; "
     return f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it"
 
 

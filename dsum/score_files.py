@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dsum.config import RecipeError
-from dsum.data.sources import RawSplit, decode, read_table
+from dsum.data.sources import SPLIT_FORMATS, RawSplit, decode, read_table
 
 _NUMBERED = re.compile(r"summary(\d+)")
 
@@ -25,6 +25,8 @@ def read_rows(path: Path, text_field: str) -> RawSplit:
             raise RecipeError(f"{path}: no such file")
         lines = decode(path).splitlines()
         return RawSplit([{text_field: line} for line in lines], [text_field], where=str(path))
+    if path.suffix not in SPLIT_FORMATS:
+        raise RecipeError(f"{path}: expected a .jsonl, .csv, .parquet or .txt file")
     return read_table(path)
 
 

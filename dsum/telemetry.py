@@ -9,6 +9,7 @@ synchronises anyway.
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -98,8 +99,13 @@ def device_peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, or None where it is not known (CPUs, other GPUs): then no MFU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """By whole words of the name: an "NVIDIA L40" is no L4."""
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items()
+                 if re.search(rf"\b{re.escape(key)}\b", device_name)), None)
 
 
 class FlopCounter:

@@ -238,7 +238,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         from dsum.evaluate import evaluate
 
         evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir / "eval",
-                 accelerator=accelerator)
+                 accelerator=accelerator, model_source=str(final.resolve()))
     run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
                skipped_steps=guard.skipped,
                telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size))

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dsum.config import RecipeError, load_recipe, recipe_to_dict, validate_recipe
 
@@ -24,8 +25,13 @@ def test_every_recipe_validates_and_says_how_to_launch_it(path):
     recipe = load_recipe(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), "a recipe begins with a comment"
-    assert "dsum train" in path.read_text().split("\nmodel:")[0] or path.name == "demo.yaml"
+    header = path.read_text().split("\nmodel:")[0]
+    assert "dsum train" in header or path.name == "demo.yaml"
     assert recipe.output_dir
+    for line in header.splitlines():
+        if "--config_file" in line:  # a launch config for several processes is always given their number
+            config = yaml.safe_load((ROOT / line.split("--config_file ")[1].split()[0]).read_text())
+            assert config.get("num_processes", 1) == 1 or "--num_processes" in line, line
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -56,6 +62,16 @@ def test_overrides_are_typed_by_the_schema(tmp_path):
     assert recipe.adapter.target_modules == ["q", "v"]
     assert recipe.train.gradient_checkpointing is True
     assert recipe.eval.max_samples is None
+
+
+def test_an_inline_architecture_takes_overrides_key_by_key(tmp_path):
+    path = ROOT / "recipes" / "tiny" / "t5-full.yaml"
+    recipe = load_recipe(path, ["model.architecture.num_layers=3", "model.architecture.dropout_rate=0.0"])
+    assert recipe.model.architecture == {**load_recipe(path).model.architecture, "num_layers": 3, "dropout_rate": 0.0}
+    with pytest.raises(RecipeError, match="num_layers is a value, not a mapping"):
+        load_recipe(path, ["model.architecture.num_layers.depth=3"])
+    with pytest.raises(RecipeError, match="model.architecture is a value, not a section"):  # not inline here
+        load_recipe(write(tmp_path, MINIMAL), ["model.architecture.num_layers=3"])
 
 
 def test_required_keys_exist():

@@ -47,6 +47,13 @@ def finished_run(ws: Path) -> str:
     return str(run)
 
 
+def crashed_run(ws: Path) -> str:
+    run = ws / "crashed"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "running"}))
+    return str(run)
+
+
 def stopped_run_with(ws: Path, checkpoint_files: dict[str, str | bytes]) -> str:
     run = ws / "stopped"
     step = run / "checkpoints" / "step-00000004"
@@ -55,6 +62,13 @@ def stopped_run_with(ws: Path, checkpoint_files: dict[str, str | bytes]) -> str:
     for name, content in checkpoint_files.items():
         (step / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     return str(run)
+
+
+def checkpoint(ws: Path, name: str, content: dict) -> str:
+    path = ws / "checkpoint"
+    path.mkdir()
+    (path / name).write_text(json.dumps(content))
+    return str(path)
 
 
 def predictions(ws: Path, rows: list[dict], name: str = "predictions.jsonl") -> str:
@@ -86,6 +100,12 @@ CASES = [
      "unknown key 'lerning_rate' (did you mean train.learning_rate?)"),
     ("override-does-not-parse", lambda ws: ["validate", recipe_file(ws, TINY), "train.max_steps=[1"],
      "override 'train.max_steps': cannot parse value '[1'"),
+    ("attention-not-known", lambda ws: ["train", recipe_file(ws, TINY), "model.attn_implementation=flash"],
+     "model.attn_implementation: got 'flash'; expected one of eager, "),
+    ("validate-for-no-processes", lambda ws: ["validate", recipe_file(ws, TINY), "--num-processes", "-3"],
+     "--num-processes: must be at least 1, got -3"),
+    ("compare-negative-samples", lambda ws: ["compare", finished_run(ws), "--samples", "-1"],
+     "--samples: must be at least 0, got -1"),
     ("override-without-value", lambda ws: ["validate", recipe_file(ws, TINY), "train.per_device_batch_size="],
      "train.per_device_batch_size: got None"),
     # Values out of range.
@@ -101,6 +121,8 @@ CASES = [
      "train.warmup_steps: got -5"),
     ("top-p-above-one", lambda ws: ["validate", recipe_file(ws, TINY), "eval.top_p=1.5"], "eval.top_p: got 1.5"),
     # Settings that do not go together.
+    ("a-tokenizer-trained-and-named", lambda ws: ["validate", recipe_file(ws, TINY), "tokenizer.name_or_path=/no/such"],
+     "tokenizer.train: true trains a new tokenizer, so tokenizer.name_or_path would go unused; set one of the two"),
     ("quantized-full-fine-tuning", lambda ws: ["validate", recipe_file(ws, TINY), "adapter.method=none",
                                                "quantization.quant_type=nf4"],
      "quantization is set but adapter.method is 'none'"),
@@ -147,6 +169,8 @@ CASES = [
                                   data_dir(ws, {"train.jsonl": row("x", "#Person1#: A.") + row("x", "#Person1#: B.")})],
      "id 'x' is used by two different dialogues"),
     # dsum score.
+    ("score-of-a-tsv-file", lambda ws: ["score", "--predictions", predictions(ws, [], "predictions.tsv")],
+     "predictions.tsv: expected a .jsonl, .csv, .parquet or .txt file"),
     ("score-fewer-predictions", lambda ws: ["score", "--predictions", predictions(ws, [{"prediction": "a"}]),
                                             "--references", predictions(ws, [{"summary": "a"}, {"summary": "b"}],
                                                                         "references.jsonl")],
@@ -156,6 +180,11 @@ CASES = [
     # Runs, checkpoints, launch.
     ("finished-output-dir", lambda ws: ["train", recipe_file(ws, TINY), f"output_dir={finished_run(ws)}"],
      "already holds a finished run; pass --overwrite to replace it"),
+    ("rerun-of-a-run-that-saved-nothing", lambda ws: ["train", recipe_file(ws, TINY), f"output_dir={crashed_run(ws)}"],
+     "already holds a running run; it saved no checkpoint to resume from; pass --overwrite to replace it"),
+    ("rerun-of-a-stopped-run", lambda ws: ["train", recipe_file(ws, TINY), "output_dir=" + stopped_run_with(
+        ws, {"trainer_state.json": "{}", "COMPLETE": ""})],
+     "already holds a stopped run; pass --resume latest to continue it, or pass --overwrite to replace it"),
     ("resume-from-a-non-checkpoint", lambda ws: ["train", recipe_file(ws, TINY), "--resume", str(ws)],
      "not a complete dsum checkpoint (expected trainer_state.json and COMPLETE)"),
     ("corrupt-checkpoint", lambda ws: ["train", recipe_file(ws, TINY), "--resume", "latest",
@@ -164,6 +193,13 @@ CASES = [
      "checkpoint is damaged"),
     ("eval-checkpoint-missing", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint", str(ws / "nothing")],
      "no such directory"),
+    ("eval-model-of-another-family", lambda ws: ["eval", str(ROOT / "recipes" / "tiny" / "llama-full.yaml"),
+                                                 "--checkpoint", checkpoint(ws, "config.json", {"model_type": "t5",
+                                                                                                "is_encoder_decoder": True})],
+     "a t5 model, seq2seq, but the recipe's model.family is causal; evaluate it with the recipe it was trained with"),
+    ("eval-adapter-of-another-family", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint",
+                                                   checkpoint(ws, "adapter_config.json", {"task_type": "CAUSAL_LM"})],
+     "a CAUSAL_LM adapter, but the recipe's model.family is seq2seq"),
     ("unknown-accelerate-config", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1",
                                               "--accelerate", "zero9", "--dry-run"],
      "--accelerate zero9: no such config; expected one of"),

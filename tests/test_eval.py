@@ -91,13 +91,24 @@ def test_flattened_references_are_merged_and_all_scored(run_dir, tmp_path):
     assert json.loads((tmp_path / "flat" / "metrics.json").read_text())["references_per_dialogue"] == 3
 
 
-def test_an_interrupted_evaluation_resumes_without_regenerating(run_dir, tmp_path):
-    out = tmp_path / "resumed"
+def interrupted(out: Path, run_dir: Path, model: Path, *overrides: str) -> dict[str, bytes]:
+    """What a killed evaluation of `model` with these settings leaves: its mark, two finished predictions
+    and a line cut short. Returns the files, to check later that they were left alone."""
+    from dsum.config import load_recipe
+    from dsum.evaluate import IDENTITY_FILE, evaluation_identity
+
+    recipe = load_recipe(RECIPE, [*SETTINGS, *overrides, f"output_dir={run_dir}"])
     (out / "partial").mkdir(parents=True)
-    # What a killed evaluation leaves: two finished predictions and a line cut short.
+    (out / "partial" / IDENTITY_FILE).write_text(json.dumps(evaluation_identity(recipe, str(model.resolve()))))
     done = [{"id": f"synthetic-test-00000{i}", "prediction": f"kept {i}", "references": ["x"], "prompt_tokens": 1,
              "generated_tokens": 1} for i in (2, 5)]
     (out / "partial" / "rank-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done) + '{"id": "synth')
+    return {p.name: p.read_bytes() for p in (out / "partial").iterdir()}
+
+
+def test_an_interrupted_evaluation_resumes_without_regenerating(run_dir, tmp_path):
+    out = tmp_path / "resumed"
+    interrupted(out, run_dir, run_dir / "final", "eval.batch_size=3")  # the batch size may change on resuming
     result = dsum_eval([], run_dir, out)
     rows = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
     assert len(rows) == 7
@@ -105,6 +116,31 @@ def test_an_interrupted_evaluation_resumes_without_regenerating(run_dir, tmp_pat
     assert rows["synthetic-test-000005"]["prediction"] == "kept 5"
     assert all(not r["prediction"].startswith("kept") for k, r in rows.items() if k[-1] not in "25")
     assert "| rouge1    |" in result.stdout
+
+
+@pytest.mark.parametrize("model, overrides, expected", [
+    ("base", [], "of another model ("),  # a zero-shot evaluation interrupted, then the trained checkpoint
+    ("final", ["eval.max_new_tokens=5"], "made with other settings (eval.max_new_tokens)"),
+])
+def test_an_interrupted_evaluation_of_another_model_or_settings_is_never_mixed_in(run_dir, tmp_path, model,
+                                                                                  overrides, expected):
+    out = tmp_path / "other"
+    left = interrupted(out, run_dir, run_dir / model, *overrides)
+    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}",
+               "--checkpoint", str(run_dir / "final"), "--output-dir", str(out)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"dsum: error: {out / 'partial'} holds the predictions of an unfinished evaluation {expected}"
+        + (f"{(run_dir / 'base').resolve()})" if model == "base" else "")
+        + "; pass --overwrite to start afresh, or --output-dir to write elsewhere")
+    assert {p.name: p.read_bytes() for p in (out / "partial").iterdir()} == left  # nothing lost
+    assert not (out / "predictions.jsonl").exists()
+    started_afresh = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert started_afresh.returncode == 0, started_afresh.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and not any(r["prediction"].startswith("kept") for r in rows)
+    assert json.loads((out / "metrics.json").read_text())["model"] == str((run_dir / "final").resolve())
 
 
 def test_a_finished_evaluation_is_not_overwritten_unless_asked(run_dir, tmp_path):

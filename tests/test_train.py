@@ -343,3 +343,13 @@ def test_a_causal_loss_runs_the_head_at_the_targets_alone_and_equals_the_full_lo
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     assert not logits_for_targets_only(OwnHead(model.config))
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA L40", None),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_the_bf16_peak_is_known_by_the_device_name_s_whole_words(name, peak):
+    from dsum.telemetry import peak_flops_of
+
+    assert peak_flops_of(name) == peak
