@@ -210,18 +210,22 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             window_log.reset()
             last_log = now
 
-        aside_from = time.perf_counter()
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-            record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
-            metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
-            trackers.log(record, step)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            guard.check(run)  # never save weights a non-finite loss has reached
-            checkpoint.save_checkpoint(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped),
-                                       cfg.save_total_limit)
-        aside = time.perf_counter() - aside_from
-        last_log += aside  # the next logged rates count training time alone
-        set_aside += aside
+        validating = bool(cfg.eval_steps) and step % cfg.eval_steps == 0 and step < total_steps
+        saving = bool(cfg.save_steps) and step % cfg.save_steps == 0 and step < total_steps
+        if validating or saving:
+            aside_from = time.perf_counter()
+            if validating:
+                record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe,
+                                  accelerator)
+                metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
+                trackers.log(record, step)
+            if saving:
+                guard.check(run)  # never save weights a non-finite loss has reached
+                checkpoint.save_checkpoint(accelerator, output_dir,
+                                           trainer_state(step, plan, window_log, guard.skipped), cfg.save_total_limit)
+            aside = time.perf_counter() - aside_from
+            last_log += aside  # the next logged rates count training time alone
+            set_aside += aside
     progress.close()
     loop_seconds = time.perf_counter() - started
     guard.check(run)
