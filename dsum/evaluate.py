@@ -161,7 +161,7 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
                         accelerator=accelerator, model_source=source, stop=stop)
 
 
-def check_family(recipe: Recipe, checkpoint: Path) -> None:
+def check_checkpoint_family(recipe: Recipe, checkpoint: Path) -> None:
     """A checkpoint is evaluated with the recipe's model family: a seq2seq model under a causal recipe
     (or the reverse) is refused in one line instead of failing deep in transformers."""
     if (checkpoint / "adapter_config.json").is_file():
@@ -169,9 +169,13 @@ def check_family(recipe: Recipe, checkpoint: Path) -> None:
         family = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}.get(task)
         what = f"a {task} adapter"
     elif (checkpoint / "config.json").is_file():
-        config = json.loads((checkpoint / "config.json").read_text())
-        family = "seq2seq" if config.get("is_encoder_decoder") else "causal"
-        what = f"a {config.get('model_type', 'model')} model, {family}"
+        from transformers import AutoConfig
+
+        from dsum.modeling import config_family
+
+        config = AutoConfig.from_pretrained(checkpoint)
+        family = config_family(config)
+        what = f"a {config.model_type} model, {family}"
     else:
         return  # load_for_eval says what is missing
     if family is not None and family != recipe.model.family:
@@ -209,7 +213,7 @@ def load_for_eval(recipe: Recipe, checkpoint: Path | None):
     if checkpoint is not None and not checkpoint.is_dir():
         raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
     if checkpoint is not None:
-        check_family(recipe, checkpoint)
+        check_checkpoint_family(recipe, checkpoint)
     run_dir = Path(recipe.output_dir)
     base = recipe.model.name_or_path or run_dir / BASE_DIR
     if recipe.model.name_or_path is None and not (run_dir / BASE_DIR / "config.json").is_file():

@@ -128,8 +128,13 @@ def model_config(recipe: Recipe, tokenizer) -> Any:
     return config
 
 
+def config_family(config: Any) -> str:
+    """The model family a transformers config describes."""
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
 def check_family(recipe: Recipe, config: Any) -> None:
-    family = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+    family = config_family(config)
     if family != recipe.model.family:
         raise RecipeError(f"model.family: {recipe.model.family!r} does not match the {config.model_type} architecture ({family})")
     if config.model_type in T5_TYPES and "float16" in (recipe.model.dtype, recipe.train.mixed_precision.replace("fp16", "float16")):
