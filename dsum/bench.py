@@ -60,7 +60,9 @@ class Sizes:
     train_steps: int  # optimizer steps timed, the same number in every way
     eval_dialogues: int  # the first N test dialogues, in every way
     notebook_rows: int  # flattened rows the notebook way generates one at a time; the rest is extrapolated
-    dsum_eval_batch: int  # dialogues per generate call in dsum
+    # dsum's generation settings per model family: eval.batch_size (dialogues per generate call) and, for
+    # seq2seq, eval.encoder_batch_size. The other ways call `generate` themselves and read neither.
+    dsum_generation: dict[str, dict[str, int]]
     max_new_tokens: int  # every way generates this many tokens a row (random weights rarely stop sooner)
     eval_dtype: str  # the weights every way generates with
     # Training and evaluation are timed in rounds, every way in turn in each, so that a slow spell on the
@@ -77,12 +79,16 @@ class Sizes:
 
 
 # 2 cores, under 10 minutes for everything (about 5.5 on a quiet machine): small models, 2,000 training
-# dialogues, all 500 test dialogues.
+# dialogues, all 500 test dialogues. T5 generates 128 dialogues a call, its encoder taking 16 at a time
+# (faster on 2 cores than 64 in one encoder pass; BENCHMARKS.md).
 CPU_SIZES = Sizes(train_examples=2000, warmup_steps=2, train_steps=18, eval_dialogues=500, notebook_rows=128,
-                  dsum_eval_batch=64, max_new_tokens=32, eval_dtype="float32")
+                  dsum_generation={"seq2seq": {"batch_size": 128, "encoder_batch_size": 16},
+                                   "causal": {"batch_size": 64}},
+                  max_new_tokens=32, eval_dtype="float32")
 # One GPU: the whole training split and all 500 test dialogues (1,500 flattened rows).
 CUDA_SIZES = Sizes(train_examples=None, warmup_steps=3, train_steps=18, eval_dialogues=500, notebook_rows=60,
-                   dsum_eval_batch=64, max_new_tokens=64, eval_dtype="bfloat16")
+                   dsum_generation={"seq2seq": {"batch_size": 64}, "causal": {"batch_size": 64}},
+                   max_new_tokens=64, eval_dtype="bfloat16")
 SIZES = {"cpu": CPU_SIZES, "cuda": CUDA_SIZES}
 
 
@@ -355,10 +361,15 @@ def bench_recipe(spec: ModelSpec, sizes: Sizes, *, model_source: dict[str, Any],
         "eval_steps": None, "save_steps": None, "eval_max_batches": 1, "trackers": [], "seed": sizes.seed,
         **(speed or {}),
     }
-    raw["eval"] = {"after_training": False, "batch_size": sizes.dsum_eval_batch, "max_new_tokens": sizes.max_new_tokens,
-                   "num_beams": 1, "do_sample": False, "validation_samples": 0}
+    raw["eval"] = {"after_training": False, "max_new_tokens": sizes.max_new_tokens, "num_beams": 1, "do_sample": False,
+                   "validation_samples": 0, **dsum_generation_settings(model["family"], sizes)}
     raw["output_dir"] = str(output_dir)
     return validate_recipe(raw, source=f"dsum bench recipe for {spec.name}")
+
+
+def dsum_generation_settings(family: str, sizes: Sizes, batch_size: int | None = None) -> dict[str, Any]:
+    """Sizes.dsum_generation for the family, with `batch_size` in place of its batch where given."""
+    return {**sizes.dsum_generation[family], **({"batch_size": batch_size} if batch_size else {})}
 
 
 def dsum_speed_settings(family: str, batch_size: int, features: Sequence) -> dict[str, Any]:
@@ -483,6 +494,7 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
         "precision": {"weights": recipe.model.dtype, "mixed_precision": recipe.train.mixed_precision,
                       "generation": sizes.eval_dtype},
         "dsum_settings": speed,
+        "dsum_eval_settings": {key: getattr(recipe.eval, key) for key in ("batch_size", "encoder_batch_size")},
         "train": {way: result.as_dict() for way, result in trained.items()},
         "eval": {way: result.as_dict() for way, result in evaluated.items()},
     }

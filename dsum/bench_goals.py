@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from dsum.bench import (BenchData, BenchOptions, ModelSpec, Sizes, check_device, data_directory,
-                        dsum_speed_settings, eval_dsum, eval_model, free_memory, fresh_state, machine, phase,
-                        recipe_settings, report, save_base, base_name, select_models, window_totals, workspace)
+                        dsum_generation_settings, dsum_speed_settings, eval_dsum, eval_model, free_memory, fresh_state,
+                        machine, phase, recipe_settings, report, save_base, base_name, select_models, window_totals,
+                        workspace)
 from dsum.config import Recipe, RecipeError, validate_recipe
 
 
@@ -40,7 +41,7 @@ class Workload:
     epoch: bool = False  # one epoch of the training examples, first step included; else the bench's timed steps
     sequence_length: int | None = None  # causal: the examples packed end to end in rows of this many tokens
     evaluate: bool = False  # also generate for the test dialogues
-    # Dialogues per generate call, halved if they do not fit; None: Sizes.dsum_eval_batch.
+    # Dialogues per generate call, halved if they do not fit; None: Sizes.dsum_generation's.
     eval_batch_size: int | None = None
     goals: dict[str, tuple[str, float]] = field(default_factory=dict)  # figure: ("<=" or ">=", bound)
 
@@ -137,8 +138,9 @@ def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str,
                      **{key: getattr(recipe.train, key) for key in ("group_by_length", "max_tokens_per_batch", "packing",
                                                                     "gradient_accumulation_steps", "optimizer",
                                                                     "mixed_precision", "gradient_checkpointing")},
-                     "eval_batch_size": recipe.eval.batch_size, "eval_max_new_tokens": recipe.eval.max_new_tokens,
-                     "eval_dtype": sizes.eval_dtype},
+                     "eval_batch_size": recipe.eval.batch_size,
+                     "eval_encoder_batch_size": recipe.eval.encoder_batch_size,
+                     "eval_max_new_tokens": recipe.eval.max_new_tokens, "eval_dtype": sizes.eval_dtype},
         "figures": figures,
         "goals": {name: judge(figures.get(name), goal) for name, goal in workload.goals.items()},
     }
@@ -162,10 +164,9 @@ def workload_recipe(spec: ModelSpec, workload: Workload, sizes: Sizes, data: Ben
                "logging_steps": math.gcd(sizes.warmup_steps, sizes.train_steps)})  # for read_dsum_window
     raw["train"] = {**raw.get("train", {}), **length, "eval_steps": None, "save_steps": None, "eval_max_batches": 1,
                     "trackers": [], "seed": sizes.seed}
-    raw["eval"] = {**raw.get("eval", {}), "after_training": False,
-                   "batch_size": workload.eval_batch_size or sizes.dsum_eval_batch,
-                   "max_new_tokens": sizes.max_new_tokens, "num_beams": 1, "do_sample": False,
-                   "validation_samples": 0}
+    raw["eval"] = {**raw.get("eval", {}), "after_training": False, "max_new_tokens": sizes.max_new_tokens,
+                   "num_beams": 1, "do_sample": False, "validation_samples": 0,
+                   **dsum_generation_settings(model["family"], sizes, workload.eval_batch_size)}
     raw["output_dir"] = str(output_dir)
     if workload.sequence_length is not None:
         speed = {"packing": True, "max_tokens_per_batch": workload.sequence_length, "group_by_length": False}

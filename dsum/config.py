@@ -179,6 +179,10 @@ class EvalConfig(Section):
     split: str = "test"
     max_samples: int | None = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
+    encoder_batch_size: int | None = Field(
+        None, gt=0, description="seq2seq: prompts the encoder takes at a time, each part padded only to its own "
+                                "longest prompt; the decoder still steps through eval.batch_size rows together "
+                                "(null: the whole batch at once; on a CPU 16 is faster, see BENCHMARKS.md)")
     max_new_tokens: int = Field(64, gt=0)
     num_beams: int = Field(1, gt=0)
     do_sample: bool = False
@@ -189,8 +193,8 @@ class EvalConfig(Section):
     validation_samples: int = Field(0, ge=0, description="validation dialogues generated and scored (ROUGE) with each "
                                                          "validation loss during training; 0 for the loss alone")
     cache: Literal["dynamic", "static"] = Field(
-        "dynamic", description="KV cache of generation: static preallocates it at full length, which lets the "
-                               "decoding step be compiled")
+        "dynamic", description="KV cache of generation: dynamic grows it as tokens come, static preallocates it "
+                               "at full length, which lets the decoding step be compiled")
     compile: bool = Field(False, description="compile the decoding step with torch.compile (needs eval.cache: static; "
                                              "the first batches wait for compilation)")
     merge_adapter: bool = Field(False, description="dsum eval of a LoRA adapter: fold it into the base weights "
@@ -230,6 +234,9 @@ class Recipe(Section):
         if self.train.packing and family != "causal":
             raise ValueError("train.packing puts examples end to end in one decoder row, which only causal models "
                              "have; use train.group_by_length or train.max_tokens_per_batch for seq2seq")
+        if self.eval.encoder_batch_size is not None and family != "seq2seq":
+            raise ValueError("eval.encoder_batch_size sets how many prompts the encoder takes at a time, and only "
+                             "seq2seq models have an encoder; remove it for a causal model")
         if self.eval.compile and self.eval.cache != "static":
             raise ValueError("eval.compile needs eval.cache: static; a dynamic cache changes shape at every token")
         if self.eval.compile and self.adapter.method == "qlora":

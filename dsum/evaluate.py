@@ -31,7 +31,7 @@ PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 IDENTITY_FILE = "evaluation.json"  # in partial/: what its predictions were made with
 # Settings that change how fast predictions come, not what they are: a resumed evaluation may change them.
-SPEED_ONLY = ("batch_size", "cache", "compile", "after_training", "validation_samples")
+SPEED_ONLY = ("batch_size", "encoder_batch_size", "cache", "compile", "after_training", "validation_samples")
 
 
 def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator, model_source: str,

@@ -146,6 +146,9 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
         assert max(lengths) - min(lengths) <= 1.0, (name, lengths)  # the same work per row in every way
         assert max(lengths) <= bench.CPU_SIZES.max_new_tokens
     assert "extrapolated" in stdout
+    # dsum's generation settings: its batch, and for T5 the encoder's part of it.
+    assert results["models"]["t5"]["dsum_eval_settings"] == {"batch_size": 128, "encoder_batch_size": 16}
+    assert results["models"]["llama"]["dsum_eval_settings"] == {"batch_size": 64, "encoder_batch_size": None}
 
 
 @needs_dialogsum

@@ -131,6 +131,10 @@ CASES = [
      "eval.merge_adapter cannot fold an adapter into a 4-bit base"),
     ("packing-for-a-seq2seq-model", lambda ws: ["validate", recipe_file(ws, TINY), "train.packing=true"],
      "train.packing puts examples end to end in one decoder row, which only causal models have"),
+    ("encoder-parts-for-a-causal-model", lambda ws: ["validate", str(ROOT / "recipes" / "tiny" / "llama-full.yaml"),
+                                                     "eval.encoder_batch_size=8"],
+     "eval.encoder_batch_size sets how many prompts the encoder takes at a time, and only seq2seq models have an "
+     "encoder; remove it for a causal model"),
     ("compile-with-a-dynamic-cache", lambda ws: ["validate", recipe_file(ws, TINY), "eval.compile=true"],
      "eval.compile needs eval.cache: static"),
     ("token-budget-zero", lambda ws: ["validate", recipe_file(ws, TINY), "train.max_tokens_per_batch=0"],

@@ -108,7 +108,8 @@ def interrupted(out: Path, run_dir: Path, model: Path, *overrides: str) -> dict[
 
 def test_an_interrupted_evaluation_resumes_without_regenerating(run_dir, tmp_path):
     out = tmp_path / "resumed"
-    interrupted(out, run_dir, run_dir / "final", "eval.batch_size=3")  # the batch size may change on resuming
+    # The batch sizes may change on resuming.
+    interrupted(out, run_dir, run_dir / "final", "eval.batch_size=3", "eval.encoder_batch_size=2")
     result = dsum_eval([], run_dir, out)
     rows = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
     assert len(rows) == 7
@@ -268,14 +269,17 @@ def tiny_pair(tmp_path_factory) -> dict[str, Path]:
     return finals
 
 
-def predict(final: Path, name: str, *overrides: str):
-    """Predictions for the test split in batches of 4 (prompts of mixed lengths; Llama's left-padded)."""
+def predict(final: Path, name: str, *overrides: str, watch=None):
+    """Predictions for the test split in batches of 4 (prompts of mixed lengths; Llama's left-padded).
+    `watch` is called with the model before it generates."""
     from dsum.data import load_split
     from dsum.evaluate import load_for_eval
     from dsum.generate import generate_predictions
 
     recipe = tiny(name, final.parent, "eval.batch_size=4", "eval.max_new_tokens=10", *overrides)
     model, tokenizer = load_for_eval(recipe, final)
+    if watch is not None:
+        watch(model)
     return generate_predictions(recipe, model, tokenizer, load_split(recipe.data, "test"), "cpu")
 
 
@@ -289,6 +293,43 @@ def test_a_static_cache_gives_the_predictions_of_a_dynamic_one(tiny_pair, name):
     assert len({p.prediction for p in dynamic}) >= 8
     lengths = [p.prompt_tokens for p in dynamic]
     assert all(len({lengths[i] for i in batch}) > 1 for batch in plan_batches(lengths, 4))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_encoder_in_parts_gives_the_predictions_of_one_pass(tiny_pair, cache):
+    """eval.encoder_batch_size=3 with batches of 4: the encoder takes 3 prompts and then 1, each part as
+    wide as its own longest prompt, and the decoder the 4 together."""
+    from dsum.generate import plan_batches
+
+    settings = ["data.synthetic.test_size=10", f"eval.cache={cache}"]
+    whole = predict(tiny_pair["t5-full"], "t5-full", *settings)
+    shapes = []
+    watch = lambda model: model.get_encoder().register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    assert predict(tiny_pair["t5-full"], "t5-full", *settings, "eval.encoder_batch_size=3", watch=watch) == whole
+    lengths = [p.prompt_tokens for p in whole]
+    parts = [batch[start : start + 3] for batch in plan_batches(lengths, 4) for start in range(0, len(batch), 3)]
+    assert shapes == [(len(part), max(lengths[i] for i in part)) for part in parts]
+    batch_widths = [max(lengths[i] for i in batch) for batch in plan_batches(lengths, 4) for _ in range(0, len(batch), 3)]
+    assert [width for _, width in shapes] != batch_widths  # some parts cut narrower than their batch
+
+
+@pytest.mark.parametrize("name, beams, room", [("t5-full", 1, 64), ("llama-full", 1, 64), ("t5-full", 2, 1),
+                                              ("llama-full", 2, 1)])
+def test_the_growing_cache_gives_the_predictions_of_transformers_own(tiny_pair, monkeypatch, name, beams, room):
+    """dsum's KV cache for eval.cache: dynamic, against the one `generate` makes by itself; with room for
+    one more token at a time it regrows at every step, and beam search reorders it at every step."""
+    import dsum.generate as generate
+
+    settings = ["data.synthetic.test_size=10", f"eval.num_beams={beams}"]
+    made, real = [], generate.growing_cache
+    monkeypatch.setattr(generate.GrowingLayer, "ROOM", room)
+    monkeypatch.setattr(generate, "growing_cache", lambda model: made.append(real(model)) or made[-1])
+    growing = predict(tiny_pair[name], name, *settings)
+    caches = [getattr(cache, "self_attention_cache", cache) for cache in made]
+    assert len(caches) == 3 and all(layer._filled > 1 for cache in caches for layer in cache.layers)
+    monkeypatch.setattr(generate, "growing_cache", lambda model: None)
+    assert predict(tiny_pair[name], name, *settings) == growing
 
 
 def test_compiled_decoding_gives_the_predictions_of_a_dynamic_cache(tiny_pair, monkeypatch):
