@@ -19,9 +19,9 @@ from dsum.features import Collator, Feature, num_processed_tokens, num_real_toke
 
 needs_dialogsum = pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(), reason=f"no DialogSum in {DIALOGSUM}")
 
-# Tiny: 200 training dialogues, batches of 4, 4 timed steps in 2 training rounds (each after 1 warm-up
+# Tiny: 200 training dialogues, batches of 2, 4 timed steps in 2 training rounds (each after 1 warm-up
 # step), 4 test dialogues.
-TRAIN_STEPS, TRAIN_ROUNDS, EVAL_DIALOGUES, NOTEBOOK_ROWS, BATCH = 4, 2, 4, 2, 4
+TRAIN_STEPS, TRAIN_ROUNDS, EVAL_DIALOGUES, NOTEBOOK_ROWS, BATCH = 4, 2, 4, 2, 2
 
 
 @pytest.fixture(scope="module")
