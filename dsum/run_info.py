@@ -1,8 +1,8 @@
 """What a run writes about itself: `run.json`, `metrics.jsonl`, tracker events, and the output-dir guard.
 
 `run.json` holds the resolved recipe, package versions, git commit, the true world size and the
-Accelerate/DeepSpeed configuration; its `status` is `running` until `final/` exists, then `finished`.
-Only rank 0 writes.
+Accelerate/DeepSpeed configuration; its `status` is `running` until `final/` exists, then `finished`
+(`stopped` after a signal, `failed` after an error; a killed process leaves `running`). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from dsum import distributed
 from dsum.checkpoint import complete_checkpoints
-from dsum.config import Recipe, RecipeError, recipe_to_dict
+from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ def read_status(run_file: Path) -> str:
 
 
 class RunInfo:
-    """`run.json`, rewritten at the start and the end of a run."""
+    """`run.json`, rewritten at the start and the end of a run.
+
+    As a context manager: an exception that leaves the block while the run is still `running` marks it
+    `failed`, with the error's one line, before it goes on up."""
 
     def __init__(self, output_dir: Path, recipe: Recipe, accelerator, world_size: int):
         self.path = output_dir / RUN_FILE
@@ -114,12 +117,27 @@ class RunInfo:
         self.info.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details)
         self._write()
 
+    def __enter__(self) -> RunInfo:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None and self.info.get("status") == "running":
+            self.update(status="failed", failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), failure=one_line(error))
+
     def _write(self) -> None:
         if distributed.is_main():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.info, indent=2, default=str) + "\n")
             tmp.replace(self.path)
+
+
+def one_line(error: BaseException) -> str:
+    """dsum's own errors as the command prints them; others with their type, as a traceback ends."""
+    lines = str(error).strip().splitlines()
+    if isinstance(error, (RecipeError, RunError)) and lines:
+        return lines[0]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class MetricsLog:

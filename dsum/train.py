@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,12 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
     SIGUSR1 or SIGTERM, from the start: save a checkpoint at the next step boundary and raise `Stopped`.
     """
-    with StopSignals() as stop:
-        return _train(recipe, resume, overwrite, run_tags or {}, stop)
+    with StopSignals() as stop, ExitStack() as closing:
+        return _train(recipe, resume, overwrite, run_tags or {}, stop, closing)
 
 
-def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[str, Any], stop: StopSignals) -> Path:
+def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[str, Any], stop: StopSignals,
+           closing: ExitStack) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -73,7 +74,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     resume_from = checkpoint.verified(checkpoint.resolve_resume(output_dir, resume)) if resume is not None else None
     if resume is None:
         ensure_fresh_output_dir(output_dir, overwrite)
-    run = RunInfo(output_dir, recipe, accelerator, world_size)
+    run = closing.enter_context(RunInfo(output_dir, recipe, accelerator, world_size))  # an error: status failed
     run.start(resumed_from=str(resume_from) if resume_from else None, **run_tags)
     set_seed(cfg.seed)
 

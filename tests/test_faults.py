@@ -74,11 +74,29 @@ def test_a_write_error_while_saving_is_one_line_and_keeps_the_previous_checkpoin
     assert last == (f"dsum: error: could not save the checkpoint of step 8 in {run / 'checkpoints'}: No space left "
                     "on device (injected by DSUM_FAULT); the last complete checkpoint, step-00000004, is intact")
     assert "Traceback" not in done.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and info["failure"] == last.removeprefix("dsum: error: ")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
     before = (run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text()
     assert json.loads(before)["global_step"] == 4
     train(recipe(run), resume="latest")
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_an_unexpected_error_marks_the_run_failed_and_goes_on_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSUM_FAULT", "train.step:oserror@3")
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="injected by DSUM_FAULT"):
+        train(tiny("t5-lora", run, "train.max_steps=6", "train.save_steps=2"))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and "failed_at" in info
+    assert info["failure"] == "OSError: [Errno 28] No space left on device (injected by DSUM_FAULT)"
+    # The next command in the same place is told what is there and how to go on.
+    from dsum.run_info import output_dir_problem
+
+    assert output_dir_problem(run, overwrite=False) == (
+        f"output_dir {run} already holds a failed run; pass --resume latest to continue it, or pass --overwrite "
+        "to replace it")
 
 
 def test_a_kill_mid_evaluation_resumes_without_regenerating(straight, tmp_path):
