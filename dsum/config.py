@@ -315,12 +315,20 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             mapping[parts[-1]] = _parse_value(text, Any, key)
             return
         elif section is None:
-            raise RecipeError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+            raise RecipeError(f"override {key!r}: {_no_keys_to_override('.'.join(parts[: depth + 1]), node.get(part), annotation)}")
         else:
             child = node.get(part)
             if not isinstance(child, dict):
                 child = node[part] = {}
             node, model = child, section
+
+
+def _no_keys_to_override(name: str, value: Any, annotation: Any) -> str:
+    """Why `name.sub=...` cannot be applied: `name` holds no inline mapping in this recipe."""
+    if not any(typing.get_origin(a) is dict for a in typing.get_args(annotation)):
+        return f"{name} is a value, not a section"
+    held = "is not set in this recipe" if value is None else f"is {value!r} here, not an inline mapping"
+    return f"{name} {held}, so it has no keys to override; set the whole of it instead ({name}={{...}})"
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:

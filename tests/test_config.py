@@ -70,8 +70,12 @@ def test_an_inline_architecture_takes_overrides_key_by_key(tmp_path):
     assert recipe.model.architecture == {**load_recipe(path).model.architecture, "num_layers": 3, "dropout_rate": 0.0}
     with pytest.raises(RecipeError, match="num_layers is a value, not a mapping"):
         load_recipe(path, ["model.architecture.num_layers.depth=3"])
-    with pytest.raises(RecipeError, match="model.architecture is a value, not a section"):  # not inline here
+    # A recipe without an inline architecture (a Hub model, or a config.json path) is told what to do instead.
+    with pytest.raises(RecipeError, match=r"model.architecture is not set in this recipe, so it has no keys to "
+                                          r"override; set the whole of it instead \(model.architecture=\{...\}\)"):
         load_recipe(write(tmp_path, MINIMAL), ["model.architecture.num_layers=3"])
+    with pytest.raises(RecipeError, match="model.architecture is 'conf.json' here, not an inline mapping"):
+        load_recipe(path, ["model.architecture=conf.json", "model.architecture.num_layers=3"])
 
 
 def test_required_keys_exist():
