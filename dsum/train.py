@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from dsum import checkpoint, distributed, faults
 from dsum.batching import BatchPlan, training_plan
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig
+from dsum.cpu_dropout import FastCpuDropout
 from dsum.data import Example, load_split
 from dsum.features import (IGNORE_INDEX, Collator, Featurizer, feature_tokens, num_processed_tokens,
                            num_real_tokens, num_target_tokens)
@@ -100,10 +101,13 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             source = materialize_base(recipe, config, output_dir).resolve()
     model = load_model(recipe, source)
     token_loss = TokenLoss(recipe.model.family, targets_only=logits_for_targets_only(model))
+    fast_dropout = FastCpuDropout(model) if cfg.fast_cpu_dropout and accelerator.device.type == "cpu" else None
     if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
         check_generation(recipe.eval, model, synced_gpus=distributed.zero3(accelerator))
     if distributed.is_main():
         print(describe_parameters(model), flush=True)
+        if fast_dropout is not None and fast_dropout.active:
+            print(fast_dropout.describe(), flush=True)
     plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in train_features], world_size, rank)
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     optimizer = build_optimizer(cfg, model, accelerator.device)
@@ -229,6 +233,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             set_aside += aside
     progress.close()
     loop_seconds = time.perf_counter() - started
+    if fast_dropout is not None:
+        fast_dropout.remove()  # the model is saved and evaluated as it was loaded
     guard.check(run)
     if step < total_steps:  # stopped by a signal
         stop_after_signal(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped), cfg, run,
