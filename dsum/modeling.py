@@ -183,7 +183,7 @@ def logits_for_targets_only(model) -> bool:
 
 def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
     """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there."""
-    from transformers import set_seed
+    from accelerate.utils import set_seed  # transformers' own is among its Trainer's utilities (see build_scheduler)
 
     base = output_dir / BASE_DIR
     if not (base / "config.json").is_file():

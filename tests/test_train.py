@@ -353,3 +353,33 @@ def test_the_bf16_peak_is_known_by_the_device_name_s_whole_words(name, peak):
     from dsum.telemetry import peak_flops_of
 
     assert peak_flops_of(name) == peak
+
+
+@pytest.mark.parametrize("name, theirs", [("linear", "linear"), ("cosine", "cosine"),
+                                          ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize("warmup", [{"warmup_steps": 0}, {"warmup_steps": 3}, {"warmup_ratio": 0.25}])
+def test_the_schedules_follow_transformers_own(name, theirs, warmup):
+    """dsum writes its schedules out (transformers' import peft and bitsandbytes); the multipliers are
+    transformers', step by step, past the end too."""
+    import math
+
+    from transformers import get_scheduler
+
+    from dsum.config import TrainConfig
+    from dsum.train import build_scheduler
+
+    def rates(make) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make(optimizer)
+        seen = []
+        for _ in range(13):
+            seen.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    cfg = TrainConfig(lr_scheduler=name, **warmup)
+    steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * 10)
+    ours = rates(lambda optimizer: build_scheduler(cfg, optimizer, 10))
+    assert ours == pytest.approx(rates(lambda optimizer: get_scheduler(theirs, optimizer, num_warmup_steps=steps,
+                                                                       num_training_steps=10)), abs=1e-12)
