@@ -78,7 +78,7 @@ class Sizes:
     seed: int = 42
 
 
-# 2 cores, under 10 minutes for everything (about 5.5 on a quiet machine): small models, 2,000 training
+# 2 cores, under 10 minutes for everything (5.5 to 7 on a quiet machine): small models, 2,000 training
 # dialogues, all 500 test dialogues. T5 generates 128 dialogues a call, its encoder taking 16 at a time
 # (faster on 2 cores than 64 in one encoder pass; BENCHMARKS.md).
 CPU_SIZES = Sizes(train_examples=2000, warmup_steps=2, train_steps=18, eval_dialogues=500, notebook_rows=128,
