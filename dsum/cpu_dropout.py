@@ -1,10 +1,10 @@
 """Dropout for training on the CPU, about twice as fast as PyTorch's, with the same distribution.
 
 PyTorch draws a CPU dropout mask with `bernoulli_`, about 14 ns an element on a 2-core x86 machine
-(1.5 M elements of T5 attention probabilities: 21 ms). This module draws random 31-bit integers and
-keeps an element where the integer is at least p x 2^31 (about 8 ms for the same mask; `fast_dropout`): each element
-is kept with probability 1 - p, independently, and scaled by 1 / (1 - p), as PyTorch does; p is
-rounded to a multiple of 2^-31. The draws come from torch's default CPU generator, so seeding,
+(1.5 M elements of T5 attention probabilities: 21 ms). `fast_dropout` draws random 31-bit integers
+and keeps an element where the integer is at least p x 2^31 (about 8 ms for the same mask): each
+element is kept with probability 1 - p, independently, and scaled by 1 / (1 - p), as PyTorch does;
+p is rounded to a multiple of 2^-31. The draws come from torch's default CPU generator, so seeding,
 checkpoints and activation checkpointing see them as they see PyTorch's.
 
 `FastCpuDropout(model)` (`train.fast_cpu_dropout`, on by default, used on the CPU only):
