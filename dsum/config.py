@@ -163,8 +163,8 @@ class TrainConfig(Section):
         "stop", description="a NaN or infinite loss: stop with its step number (the last checkpoint is kept), or "
                             "skip: drop that optimizer step's update and count it")
     gradient_checkpointing: bool = False
-    fast_cpu_dropout: bool = Field(True, description="on the CPU: draw dropout masks from random integers, about "
-                                                     "twice as fast as PyTorch's bernoulli_ with the same "
+    fast_cpu_dropout: bool = Field(True, description="on the CPU: draw dropout masks from random integers, "
+                                                     "faster than PyTorch's bernoulli_, with the same "
                                                      "distribution (dsum/cpu_dropout.py); false: PyTorch's own")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 42

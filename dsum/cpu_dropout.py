@@ -1,10 +1,10 @@
-"""Dropout for training on the CPU, about twice as fast as PyTorch's, with the same distribution.
+"""Dropout for training on the CPU, with PyTorch's distribution and a faster mask.
 
-PyTorch draws a CPU dropout mask with `bernoulli_`, about 14 ns an element on a 2-core x86 machine
-(1.5 M elements of T5 attention probabilities: 21 ms). `fast_dropout` draws random 31-bit integers
-and keeps an element where the integer is at least p x 2^31 (about 8 ms for the same mask): each
-element is kept with probability 1 - p, independently, and scaled by 1 / (1 - p), as PyTorch does;
-p is rounded to a multiple of 2^-31. The draws come from torch's default CPU generator, so seeding,
+PyTorch draws a CPU dropout mask with `bernoulli_`. `fast_dropout` draws random 31-bit integers and
+keeps an element where the integer is at least p x 2^31: each element is kept with probability 1 - p,
+independently, and scaled by 1 / (1 - p), as PyTorch does; p is rounded to a multiple of 2^-31. On
+the 2-core machine of BENCHMARKS.md ("dropout on the CPU", side checks) the mask took about half the
+time of PyTorch's. The draws come from torch's default CPU generator, so seeding,
 checkpoints and activation checkpointing see them as they see PyTorch's.
 
 `FastCpuDropout(model)` (`train.fast_cpu_dropout`, on by default, used on the CPU only):
@@ -91,14 +91,13 @@ class FastCpuDropout:
         for module in self.modules:
             module.__class__ = Dropout
         self.pretrained = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-        self.attention = None
-        if self.pretrained is not None and attention_dropout(self.pretrained.config) > 0.0:
-            self.attention = self.pretrained.config._attn_implementation
-            if self.attention in ("sdpa", "eager"):  # the math dsum's attention repeats; others stay as chosen
-                register()
-                self.pretrained.set_attn_implementation(ATTENTION)
-            else:
-                self.attention = None
+        config = getattr(self.pretrained, "config", None)
+        # The attention implementation replaced, if any: sdpa or eager, whose math dsum's repeats; others stay.
+        self.attention = (config._attn_implementation if config is not None and attention_dropout(config) > 0.0
+                          and config._attn_implementation in ("sdpa", "eager") else None)
+        if self.attention is not None:
+            register()
+            self.pretrained.set_attn_implementation(ATTENTION)
 
     @property
     def active(self) -> bool:
