@@ -23,7 +23,6 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from dsum import distributed
 from dsum.config import RecipeError, RunError, load_recipe
 from dsum.preemption import Stopped
 
@@ -32,6 +31,7 @@ EXIT_RUN_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options too (`--resume latest train.max_steps=8`).
@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
     keep_freed_host_memory()
     try:
         return args.run(args)
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:  # the run cannot go on; what was saved is kept
         return report(f"dsum: error: {err}", EXIT_RUN_FAILED)
     except Stopped as stopped:  # SIGUSR1 / SIGTERM: progress is saved, and the same command continues
+        from dsum import distributed
+
         return report(f"dsum: {stopped}", 0) if distributed.is_main() else 0
 
 
@@ -184,41 +185,41 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dsum.train import train
-
     overrides, resume = list(args.overrides), args.resume
     if resume is not None and "=" in resume and not Path(resume).exists():
         overrides.insert(0, resume)  # `--resume key=value`: the flag was bare, the word an override
         resume = "latest"
     recipe = load_recipe(args.recipe, overrides)
+    from dsum.train import train
+
     train(recipe, resume=resume, overwrite=args.overwrite)
     return 0
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from dsum.preview import describe_recipe
-
     if args.num_processes is not None and args.num_processes < 1:
         raise RecipeError(f"--num-processes: must be at least 1, got {args.num_processes}")
     recipe = load_recipe(args.recipe, args.overrides)
+    from dsum.preview import describe_recipe
+
     world_size = args.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
     print(describe_recipe(recipe, world_size))
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
     from dsum.evaluate import run_eval
 
-    recipe = load_recipe(args.recipe, args.overrides)
     run_eval(recipe, checkpoint=args.checkpoint, output_dir=args.output_dir, overwrite=args.overwrite,
              skip_finished=args.skip_finished)
     return 0
 
 
 def run_submit(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
     from dsum.submit import SubmitOptions, submit
 
-    recipe = load_recipe(args.recipe, args.overrides)
     options = SubmitOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, job=args.job, procs_per_node=args.procs_per_node,
         accelerate=args.accelerate, time=args.time, partition=args.partition, account=args.account,
@@ -295,21 +296,16 @@ def is_demo_run(output_dir: Path) -> bool:
 
 
 def quiet_libraries() -> None:
-    """Library chatter that says nothing to a dsum user stays out of the terminal."""
+    """Library chatter that says nothing to a dsum user stays out of the terminal. Set before any of them
+    is imported (a command that needs no model never imports torch), and only where the user set nothing."""
     # Set either way, tokenizers says nothing when the process forks. True: the featurizer's batched calls
     # use every core. A forked child would deadlock if it tokenized; no child of dsum does (no DataLoader
     # workers; its subprocesses run other programs).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow this one
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    import torch
-    import transformers
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to the CPU
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers.modeling_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -387,6 +387,20 @@ def explain(error: dict[str, Any]) -> str:
     return f"{key}: got {shown!r}; {message[0].lower() + message[1:]}"
 
 
+def check_deepspeed(recipe: Recipe, zero_stage: int) -> None:
+    """What a recipe cannot do under DeepSpeed: skip an update (the engine applies it inside backward),
+    and, under ZeRO-3, shard 4-bit weights stored in another dtype than the rest of the model."""
+    if recipe.train.on_nonfinite_loss == "skip":
+        raise RecipeError("train.on_nonfinite_loss is skip, but DeepSpeed applies the update inside backward, "
+                          "before a step can be skipped; use stop under DeepSpeed")
+    storage = recipe.quantization.storage_dtype
+    if zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
+        raise RecipeError(
+            f"quantization.storage_dtype is {storage} but ZeRO-3 needs it to equal model.dtype ({recipe.model.dtype}) "
+            "to shard the 4-bit weights; set quantization.storage_dtype to the model dtype"
+        )
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe, every default filled in, as a recipe file that validates again (run.json,
     `dsum validate`): the quantization section only where the adapter is QLoRA, the only one to use it."""

@@ -8,23 +8,34 @@ here asks torch.distributed (or the launcher's environment before it is initiali
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import torch
-import torch.distributed as dist
+
+def process_group():
+    """torch.distributed where a process group is running, else None. torch is imported here, not at the
+    top: `dsum submit` writes run.json through this module and needs no torch, and no group can run
+    before torch is imported."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return process_group() is not None
 
 
 def world_size() -> int:
-    return dist.get_world_size() if initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    dist = process_group()
+    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    return dist.get_rank() if initialized() else int(os.environ.get("RANK", "0"))
+    dist = process_group()
+    return dist.get_rank() if dist else int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:
@@ -32,7 +43,7 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if initialized():
+    if dist := process_group():
         dist.barrier()
 
 
@@ -47,42 +58,50 @@ def main_first() -> Iterator[None]:
 
 
 def process_group_kwargs() -> list:
-    """Accelerate's kwargs_handlers: on a CPU it picks no backend for DeepSpeed and believes it runs
-    alone, so name gloo, the one there is."""
+    """Accelerate's kwargs_handlers, asked for just before the Accelerator is built. On a CPU, DeepSpeed is
+    told so (else it warns that it fell back to one), and Accelerate, which picks no backend for
+    DeepSpeed there and believes it runs alone, is given gloo, the one there is."""
+    import torch
     from accelerate.utils import InitProcessGroupKwargs
 
-    deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
+    if torch.cuda.is_available():
+        return []
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
                         and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     return [InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else []
 
 
-def _device() -> torch.device:
-    if initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _reduce(values: list[float], op: str) -> list[float]:
+    """`op` (a torch.distributed.ReduceOp name) over all processes, element-wise, in float64 so token
+    counts stay exact."""
+    import torch
+
+    dist = process_group()
+    if dist is None:
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.tolist()
 
 
 def sum_all(values: list[float]) -> list[float]:
-    """Element-wise sums over all processes, in float64 so token counts stay exact."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
-    if initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    """Element-wise sums over all processes."""
+    return _reduce(values, "SUM")
 
 
 def min_all(value: float) -> float:
     """The smallest value over all processes."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
-    if initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor.item()
+    return _reduce([value], "MIN")[0]
 
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's object, in rank order, on every process."""
-    if not initialized():
+    dist = process_group()
+    if dist is None:
         return [obj]
-    out: list[Any] = [None] * world_size()
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from dsum import distributed
-from dsum.checkpoint import complete_checkpoints
 from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,8 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     if overwrite:
         return None
     status = read_status(run_file)
+    from dsum.checkpoint import complete_checkpoints  # here: it brings torch, which `dsum submit` needs not
+
     if status == "finished":
         hint = ""
     elif complete_checkpoints(output_dir):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dsum.config import Recipe, RecipeError
+from dsum.config import Recipe, RecipeError, check_deepspeed
 from dsum.run_info import RUN_FILE, SLURM_DIR, read_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,8 +127,6 @@ def accelerate_config(o: SubmitOptions) -> AccelerateConfig:
 
 def check_recipe_fits(recipe: Recipe, config: AccelerateConfig) -> None:
     """What training would refuse at start-up under this config, refused before the job waits in a queue."""
-    from dsum.train import check_deepspeed
-
     if config.deepspeed:
         check_deepspeed(recipe, int(config.settings.get("deepspeed_config", {}).get("zero_stage", 0)))
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dsum import checkpoint, distributed, faults
 from dsum.batching import BatchPlan, training_plan
-from dsum.config import Recipe, RecipeError, RunError, TrainConfig
+from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed
 from dsum.cpu_dropout import FastCpuDropout
 from dsum.data import Example, load_split
 from dsum.features import (IGNORE_INDEX, Collator, Featurizer, feature_tokens, num_processed_tokens,
@@ -416,20 +416,6 @@ def check_launch(accelerator, recipe: Recipe) -> None:
                 f"{configured}; set it to auto there"
             )
         check_deepspeed(recipe, plugin.zero_stage)
-
-
-def check_deepspeed(recipe: Recipe, zero_stage: int) -> None:
-    """What a recipe cannot do under DeepSpeed: skip an update (the engine applies it inside backward),
-    and, under ZeRO-3, shard 4-bit weights stored in another dtype than the rest of the model."""
-    if recipe.train.on_nonfinite_loss == "skip":
-        raise RecipeError("train.on_nonfinite_loss is skip, but DeepSpeed applies the update inside backward, "
-                          "before a step can be skipped; use stop under DeepSpeed")
-    storage = recipe.quantization.storage_dtype
-    if zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
-        raise RecipeError(
-            f"quantization.storage_dtype is {storage} but ZeRO-3 needs it to equal model.dtype ({recipe.model.dtype}) "
-            "to shard the 4-bit weights; set quantization.storage_dtype to the model dtype"
-        )
 
 
 def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:

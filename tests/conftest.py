@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny recipes with small overrides, a trained-tokenizer cache, and a clean Accelerate state."""
+"""Shared fixtures: tiny recipes with small overrides, the `dsum` command run in this process, and a clean
+Accelerate state."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import subprocess
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -23,12 +30,41 @@ def tiny(name: str, output_dir: Path, *overrides: str):
     return load_recipe(ROOT / "recipes" / "tiny" / f"{name}.yaml", [*base, *overrides])
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test builds its own Accelerator; Accelerate keeps process-wide state that must not leak."""
-    yield
+def run_dsum(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`dsum ARGS` in this process, through the command's `main`: its exit status, stdout and stderr.
+
+    It spares the seconds a new interpreter spends importing torch and transformers. What only a process
+    of its own shows (the entry point, signals, kills, launchers, settings read at import) is tested by
+    starting one. The environment, warning filters, logging handlers and Accelerate's state are given
+    back afterwards; glibc's malloc settings, which cannot be, are left out (tests/test_cli.py checks
+    them in a process of its own)."""
+    from dsum import cli
+
+    # UTF-8 streams, as a process's pipes are here (tqdm draws its bars in ASCII on a stream without an encoding).
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    handlers = logging.root.handlers[:]
+    with (mock.patch.dict(os.environ, env or {}), warnings.catch_warnings(),
+          mock.patch.object(cli, "keep_freed_host_memory", lambda: False), redirect_stdout(out), redirect_stderr(err)):
+        try:
+            status = cli.main(list(args))
+        except SystemExit as exit:  # argparse's usage errors
+            status = exit.code
+        finally:
+            logging.root.handlers[:] = handlers
+            reset_accelerate_state()
+    return subprocess.CompletedProcess(["dsum", *args], status, *(s.buffer.getvalue().decode() for s in (out, err)))
+
+
+def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator; Accelerate keeps process-wide state that must not leak."""
+    yield
+    reset_accelerate_state()

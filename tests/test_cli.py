@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_dsum
 
 
 def dsum(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def dsum(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Complete
 @pytest.mark.parametrize("family, masked", [("t5", "Summarize the following conversation."), ("llama", "<s>Summarize")])
 def test_validate_shows_the_run_without_training(tmp_path, family, masked):
     out = tmp_path / "never"
-    result = dsum("validate", f"recipes/tiny/{family}-lora.yaml", "train.gradient_accumulation_steps=2",
+    result = run_dsum("validate", str(ROOT / "recipes" / "tiny" / f"{family}-lora.yaml"), "train.gradient_accumulation_steps=2",
                   "--num-processes", "4", f"output_dir={out}")
     assert result.returncode == 0, result.stderr
     text = result.stdout
@@ -74,7 +74,7 @@ def test_demo_learns_the_synthetic_corpus(tmp_path):
 
 
 def test_an_untrained_model_scores_far_below_the_demo(tmp_path):
-    result = dsum("train", "dsum/demo.yaml", "train.max_steps=1", f"output_dir={tmp_path / 'untrained'}")
+    result = run_dsum("train", str(ROOT / "dsum" / "demo.yaml"), "train.max_steps=1", f"output_dir={tmp_path / 'untrained'}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "untrained" / "eval" / "metrics.json").read_text())
     assert metrics["rouge1"] < 0.2

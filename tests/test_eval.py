@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny
+from conftest import ROOT, run_dsum, tiny
 from dsum.scoring import ROUGE_KEYS
 from dsum.train import train
 
@@ -30,9 +30,14 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def dsum_eval(launcher: list[str], run_dir: Path, eval_dir: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, *(["-m", *launcher] if launcher else []), "-m", "dsum", "eval", str(RECIPE), *SETTINGS, *overrides,
-               f"output_dir={run_dir}", "--checkpoint", str(run_dir / "final"), "--output-dir", str(eval_dir)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    """`dsum eval` of the trained run: under `launcher`'s processes, or in this one where there is none."""
+    args = ["eval", str(RECIPE), *SETTINGS, *overrides, f"output_dir={run_dir}", "--checkpoint", str(run_dir / "final"),
+            "--output-dir", str(eval_dir)]
+    if launcher:
+        result = subprocess.run([sys.executable, "-m", *launcher, "-m", "dsum", *args], capture_output=True, text=True,
+                                timeout=600, env={**os.environ, **(env or {})})
+    else:
+        result = run_dsum(*args, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -42,7 +47,7 @@ def test_same_predictions_with_1_2_and_3_processes(run_dir, tmp_path):
 
     outputs = {}
     for n in (1, 2, 3):
-        launcher = ["torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port())]
+        launcher = ["torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port())] if n > 1 else []
         dsum_eval(launcher, run_dir, tmp_path / f"p{n}", env={"ACCELERATE_USE_CPU": "true"})
         outputs[n] = (tmp_path / f"p{n}" / "predictions.jsonl").read_bytes()
     rows = [json.loads(line) for line in outputs[1].decode().splitlines()]
@@ -127,9 +132,9 @@ def test_an_interrupted_evaluation_of_another_model_or_settings_is_never_mixed_i
                                                                                   overrides, expected):
     out = tmp_path / "other"
     left = interrupted(out, run_dir, run_dir / model, *overrides)
-    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}",
-               "--checkpoint", str(run_dir / "final"), "--output-dir", str(out)]
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = ["eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "--checkpoint", str(run_dir / "final"),
+               "--output-dir", str(out)]
+    refused = run_dsum(*command)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert refused.stderr.strip().splitlines()[-1] == (
         f"dsum: error: {out / 'partial'} holds the predictions of an unfinished evaluation {expected}"
@@ -137,7 +142,7 @@ def test_an_interrupted_evaluation_of_another_model_or_settings_is_never_mixed_i
         + "; pass --overwrite to start afresh, or --output-dir to write elsewhere")
     assert {p.name: p.read_bytes() for p in (out / "partial").iterdir()} == left  # nothing lost
     assert not (out / "predictions.jsonl").exists()
-    started_afresh = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300)
+    started_afresh = run_dsum(*command, "--overwrite")
     assert started_afresh.returncode == 0, started_afresh.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and not any(r["prediction"].startswith("kept") for r in rows)
@@ -148,19 +153,18 @@ def test_a_finished_evaluation_is_not_overwritten_unless_asked(run_dir, tmp_path
     out = tmp_path / "twice"
     dsum_eval([], run_dir, out)
     before = (out / "metrics.json").read_bytes()
-    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}",
-               "--checkpoint", str(run_dir / "final"), "--output-dir", str(out)]
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = ["eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "--checkpoint", str(run_dir / "final"),
+               "--output-dir", str(out)]
+    refused = run_dsum(*command)
     assert refused.returncode == 2 and "already holds a finished evaluation" in refused.stderr
     assert (out / "metrics.json").read_bytes() == before
-    assert subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300).returncode == 0
+    assert run_dsum(*command, "--overwrite").returncode == 0
 
 
 def test_a_prompted_baseline_evaluates_the_base_alone_with_shots(run_dir, tmp_path):
     out = tmp_path / "fewshot"
-    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "prompt.shots=2",
-               "tokenizer.max_source_length=400", "--output-dir", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_dsum("eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "prompt.shots=2",
+                      "tokenizer.max_source_length=400", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["shots"] == 2 and metrics["n"] == 7
@@ -185,9 +189,7 @@ def test_the_comparison_report_renders_with_its_tables_and_plots(run_dir, tmp_pa
     # Two evaluations of the same split: the trained run (with its loss curve) and a prompted baseline.
     dsum_eval([], run_dir, run_dir / "eval")
     baseline = tmp_path / "zero-shot"
-    command = [sys.executable, "-m", "dsum", "eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}",
-               "--output-dir", str(baseline)]
-    assert subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == 0
+    assert run_dsum("eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "--output-dir", str(baseline)).returncode == 0
     out = compare([baseline, run_dir], tmp_path / "report", samples=3)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # ROUGE bars and the loss curve, embedded

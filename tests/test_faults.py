@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny
+from conftest import ROOT, run_dsum, tiny
 from dsum.config import RunError
 from dsum.train import train
 
@@ -50,7 +50,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "run"
-    done = dsum("train", RECIPE, *SETTINGS, f"output_dir={out}", "eval.after_training=true")
+    done = run_dsum("train", RECIPE, *SETTINGS, f"output_dir={out}", "eval.after_training=true")
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
@@ -68,7 +68,7 @@ def test_kill_9_mid_training_then_resume_latest_gives_the_same_weights(straight,
 
 def test_a_write_error_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
-    done = dsum("train", RECIPE, *SETTINGS, f"output_dir={run}", fault="checkpoint.save:oserror@8")
+    done = run_dsum("train", RECIPE, *SETTINGS, f"output_dir={run}", env={"DSUM_FAULT": "checkpoint.save:oserror@8"})
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last == (f"dsum: error: could not save the checkpoint of step 8 in {run / 'checkpoints'}: No space left "
@@ -105,7 +105,7 @@ def test_a_kill_mid_evaluation_resumes_without_regenerating(straight, tmp_path):
     killed = dsum(*args, "--output-dir", str(out), fault="generate.batch:kill@5")
     assert killed.returncode == -signal.SIGKILL
     assert (out / "partial" / "rank-0.jsonl").read_text().count("\n") == 10  # 5 batches of 2
-    again = dsum(*args, "--output-dir", str(out))
+    again = run_dsum(*args, "--output-dir", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "generate: 100%|██████████| 7/7" in again.stderr  # 7 batches for the 14 dialogues left, not 12
     # The same predictions as the evaluation at the end of the uninterrupted run.

@@ -92,7 +92,7 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_to_resume
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, run_dsum
 
     settings = [*COMMON, "train.max_steps=12", "train.save_steps=4", "train.save_total_limit=2",
                 "data.synthetic.train_size=64", "data.synthetic.validation_size=8", "data.synthetic.test_size=5",
@@ -101,16 +101,15 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_to_resume
     train(tiny("t5-lora", straight, *settings))
 
     run = tmp_path / "killed"
-    command = [sys.executable, "-m", "dsum", "train", str(ROOT / "recipes" / "tiny" / "t5-lora.yaml"), *settings,
-               f"output_dir={run}", "--resume", "auto"]
-    killed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "DSUM_FAULT": "checkpoint.save:kill@8"})
+    args = ["train", str(ROOT / "recipes" / "tiny" / "t5-lora.yaml"), *settings, f"output_dir={run}", "--resume", "auto"]
+    killed = subprocess.run([sys.executable, "-m", "dsum", *args], capture_output=True, text=True, timeout=300,
+                            check=False, env={**os.environ, "DSUM_FAULT": "checkpoint.save:kill@8"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # The save of step 8 was cut short: a .tmp without its marker; step 4 is whole.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000008.tmp"]
     assert not (run / "checkpoints" / "step-00000008.tmp" / "COMPLETE").exists()
 
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    resumed = run_dsum(*args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "step-00000004 at step 4" in resumed.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]

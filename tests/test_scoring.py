@@ -106,10 +106,9 @@ def test_sentences_are_split_offline_for_rougelsum():
 
 
 def run_score(*args):
-    import subprocess
-    import sys
+    from conftest import run_dsum
 
-    return subprocess.run([sys.executable, "-m", "dsum", "score", *args], capture_output=True, text=True, timeout=120)
+    return run_dsum("score", *args)
 
 
 def test_score_command_reads_jsonl_csv_and_txt(tmp_path):
