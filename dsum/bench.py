@@ -13,7 +13,8 @@ process, three ways train and then generate summaries:
               batches padded to their longest row (`DataCollatorForSeq2Seq`, labels padded with
               -100), in random order; batched generation over the same flattened rows in dataset order.
   dsum        `dsum.train.train` with its speed settings (`DSUM_SPEED`), and
-              `dsum.generate.generate_predictions` over the unique dialogues with a large batch.
+              `dsum.generate.generate_predictions` over the unique dialogues with a large batch;
+              `--dsum KEY=VALUE` changes one of its own settings (`DSUM_OPTIONS`) for an A/B run.
 
 All three read the same token ids (dsum's Featurizer: one prompt, truncation at 512 source and 128
 target tokens), train the same model with AdamW at the same learning rate and precision, and
@@ -41,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from dsum.config import DataConfig, Recipe, RecipeError, validate_recipe
+from dsum.config import DataConfig, Recipe, RecipeError, apply_override, validate_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WAYS = ("notebook", "no_trainer", "dsum")
@@ -157,6 +158,12 @@ DSUM_SPEED: dict[str, dict[str, Any]] = {
     "causal": {"group_by_length": True, "max_tokens_per_batch": TOKEN_BUDGET, "fast_cpu_dropout": True},
 }
 
+# What `--dsum KEY=VALUE` may set in dsum's own way, to compare a setting against its default: dsum's
+# speed settings alone, none of which the other ways read, so that the three ways still train on the
+# same data for the same steps and generate the same tokens.
+DSUM_OPTIONS = ("train.group_by_length", "train.max_tokens_per_batch", "train.packing", "train.fast_cpu_dropout",
+                "eval.batch_size", "eval.encoder_batch_size", "eval.cache", "eval.compile")
+
 # What BENCHMARKS.md promises; reported next to the results, never asserted by the tests.
 GOALS = {"train_speedup_vs_notebook": 3.0, "train_speedup_vs_no_trainer": 1.8, "eval_speedup_vs_notebook": 30.0,
          "eval_speedup_vs_no_trainer": 4.0, "padding_efficiency": 0.9}
@@ -173,6 +180,7 @@ class BenchOptions:
     notebook_rows: int | None = None
     workdir: Path | None = None  # None: a temporary directory, removed afterwards
     goals: bool = False  # dsum alone on the workloads with absolute goals (dsum.bench_goals), not the three ways
+    dsum: tuple[str, ...] = ()  # KEY=VALUE settings of dsum's own way (DSUM_OPTIONS)
 
     def sizes(self) -> Sizes:
         sizes = SIZES[self.device]
@@ -183,6 +191,17 @@ class BenchOptions:
                 raise RecipeError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
         return replace(sizes, **{k: v for k, v in given.items() if v is not None})
 
+    def dsum_settings(self) -> dict[str, dict[str, Any]]:
+        """`--dsum KEY=VALUE` as recipe sections, {"train": {...}, "eval": {...}}, each value read as the
+        recipe schema types it (checked in full with the rest of the recipe, by `check_dsum_settings`)."""
+        sections: dict[str, dict[str, Any]] = {"train": {}, "eval": {}}
+        for item in self.dsum:
+            if item.partition("=")[0] not in DSUM_OPTIONS or "=" not in item:
+                raise RecipeError(f"--dsum {item}: expected KEY=VALUE, KEY one of {', '.join(DSUM_OPTIONS)} (the "
+                                  "settings of dsum's own way that the other ways do not read)")
+            apply_override(sections, item)
+        return sections
+
     def command(self) -> str:
         """The command line that reruns this bench."""
         words = ["dsum", "bench", *(["--goals"] if self.goals else []), "--device", self.device]
@@ -192,6 +211,8 @@ class BenchOptions:
                             ("--notebook-rows", self.notebook_rows), ("--workdir", self.workdir)):
             if value is not None:
                 words += [flag, str(value)]
+        for item in self.dsum:
+            words += ["--dsum", item]
         return " ".join(words)
 
 
@@ -205,6 +226,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     check_device(options.device)
     sizes = options.sizes()
     specs = select_models(options.device, options.models)
+    settings = check_dsum_settings(options.dsum_settings(), specs, sizes)
     data_dir = data_directory(options.data)
     load_before = os.getloadavg()
     if options.device == "cpu" and load_before[0] >= 1.0:
@@ -217,7 +239,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                  f"mean dialogue {data.mean_dialogue_tokens:.0f} tokens, summary {data.mean_summary_tokens:.0f}")
         models = {}
         for spec in specs:
-            models[spec.name] = bench_model(spec, sizes, data, options.device, workdir / spec.name)
+            models[spec.name] = bench_model(spec, sizes, data, options.device, workdir / spec.name, settings)
             free_memory()  # the model's weights go before the next model's arrive
     results = summarize(models, sizes, data, options, load_before, time.perf_counter() - started)
     report(format_table(results), results, options.json_path)
@@ -343,8 +365,9 @@ def recipe_settings(spec: ModelSpec) -> dict[str, Any]:
 
 
 def bench_recipe(spec: ModelSpec, sizes: Sizes, *, model_source: dict[str, Any], tokenizer_dir: Path, data_dir: Path,
-                 output_dir: Path, speed: dict[str, Any] | None = None) -> Recipe:
-    """The recipe every way reads its settings from; `speed` adds dsum's switches for its own run.
+                 output_dir: Path, dsum: dict[str, dict[str, Any]] | None = None) -> Recipe:
+    """The recipe every way reads its settings from; `dsum` ({"train": {...}, "eval": {...}}) adds the
+    settings of dsum's own way, for its own runs.
 
     What the three ways must share is set here: the data, truncation, AdamW at a constant learning
     rate, the step counts and the generation settings."""
@@ -361,12 +384,29 @@ def bench_recipe(spec: ModelSpec, sizes: Sizes, *, model_source: dict[str, Any],
         # A record at the end of the warm-up and at the end of the timed steps (see read_dsum_window).
         "logging_steps": math.gcd(sizes.warmup_steps, sizes.train_steps),
         "eval_steps": None, "save_steps": None, "eval_max_batches": 1, "trackers": [], "seed": sizes.seed,
-        **(speed or {}),
+        **(dsum or {}).get("train", {}),
     }
     raw["eval"] = {"after_training": False, "max_new_tokens": sizes.max_new_tokens, "num_beams": 1, "do_sample": False,
-                   "validation_samples": 0, **dsum_generation_settings(model["family"], sizes)}
+                   "validation_samples": 0, **dsum_generation_settings(model["family"], sizes),
+                   **(dsum or {}).get("eval", {})}
     raw["output_dir"] = str(output_dir)
     return validate_recipe(raw, source=f"dsum bench recipe for {spec.name}")
+
+
+def check_dsum_settings(settings: dict[str, dict[str, Any]], specs: Sequence[ModelSpec],
+                        sizes: Sizes) -> dict[str, dict[str, Any]]:
+    """`--dsum` settings as every chosen model's recipe takes them, refused before anything runs when one
+    does not (a value out of range, packing for a seq2seq model); returns them."""
+    if not any(settings.values()):
+        return settings
+    here = Path(".")
+    for spec in specs:
+        try:
+            bench_recipe(spec, sizes, model_source={"name_or_path": spec.name}, tokenizer_dir=here, data_dir=here,
+                         output_dir=here, dsum=settings)
+        except RecipeError as err:
+            raise RecipeError(f"--dsum: {err}") from None
+    return settings
 
 
 def dsum_generation_settings(family: str, sizes: Sizes, batch_size: int | None = None) -> dict[str, Any]:
@@ -451,7 +491,9 @@ def save_base(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, out: 
 # One model: three ways to train, three ways to generate
 
 
-def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, workdir: Path) -> dict[str, Any]:
+def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, workdir: Path,
+                settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The three ways on one model; `settings` are `--dsum`'s, over dsum's speed settings."""
     from transformers import AutoTokenizer
 
     from dsum.features import Featurizer
@@ -465,11 +507,13 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
     features = Featurizer(recipe, tokenizer).training_features(data.train)
     speed = dsum_speed_settings(recipe.model.family, recipe.train.per_device_batch_size, features)
+    dsum = {"train": {**speed, **settings["train"]}, "eval": settings["eval"]}
+    dsum_recipe = bench_recipe(spec, sizes, **paths, dsum=dsum)
 
     trainers = {  # each takes its round's sizes: the steps it times and its seed
         "notebook": lambda part: train_notebook(recipe, base, tokenizer, features, part, device, workdir),
         "no_trainer": lambda part: train_no_trainer(recipe, base, tokenizer, features, part, device),
-        "dsum": lambda part: train_dsum(bench_recipe(spec, part, **paths, speed=speed), part),
+        "dsum": lambda part: train_dsum(bench_recipe(spec, part, **paths, dsum=dsum), part),
     }
     parts = train_rounds(sizes)
     trained = in_rounds(f"{spec.name}: train", trainers, parts, [part.seed for part in parts], device,
@@ -480,7 +524,7 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
     generators = {  # each takes its round's number
         "notebook": lambda part: eval_notebook(recipe, model, tokenizer, data.test, sizes, device, part, rounds),
         "no_trainer": lambda part: eval_no_trainer(recipe, model, tokenizer, data.test, sizes, device, part, rounds),
-        "dsum": lambda part: eval_dsum(recipe, model, tokenizer, data.test, device),
+        "dsum": lambda part: eval_dsum(dsum_recipe, model, tokenizer, data.test, device),
     }
     evaluated = in_rounds(f"{spec.name}: eval", generators, range(rounds), [sizes.seed] * rounds, device,
                           EvalSpeed.combined)
@@ -495,8 +539,8 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
         "learning_rate": recipe.train.learning_rate,
         "precision": {"weights": recipe.model.dtype, "mixed_precision": recipe.train.mixed_precision,
                       "generation": sizes.eval_dtype},
-        "dsum_settings": speed,
-        "dsum_eval_settings": {key: getattr(recipe.eval, key) for key in ("batch_size", "encoder_batch_size")},
+        "dsum_settings": dsum_own_settings(dsum_recipe, "train"),
+        "dsum_eval_settings": dsum_own_settings(dsum_recipe, "eval"),
         "train": {way: result.as_dict() for way, result in trained.items()},
         "eval": {way: result.as_dict() for way, result in evaluated.items()},
     }
@@ -824,8 +868,14 @@ def train_dsum(recipe: Recipe, sizes: Sizes) -> TrainSpeed:
     seconds, real, processed = read_dsum_window(output_dir / "metrics.jsonl", sizes)
     run = json.loads((output_dir / "run.json").read_text())
     return TrainSpeed(sizes.train_steps, seconds, real, processed, run["num_train_examples"],
-                      settings={key: getattr(recipe.train, key) for key in DSUM_SPEED[recipe.model.family]}
-                      | {"max_grad_norm": recipe.train.max_grad_norm})
+                      settings=dsum_own_settings(recipe, "train") | {"max_grad_norm": recipe.train.max_grad_norm})
+
+
+def dsum_own_settings(recipe: Recipe, section: str) -> dict[str, Any]:
+    """The recipe's values of DSUM_OPTIONS in one section, as the results report them."""
+    values = getattr(recipe, section)
+    return {key: getattr(values, key) for key in (option.split(".")[1] for option in DSUM_OPTIONS
+                                                   if option.startswith(f"{section}."))}
 
 
 def read_dsum_window(metrics_file: Path, sizes: Sizes) -> tuple[float, int, int]:
@@ -1082,6 +1132,7 @@ def summarize(models: dict[str, dict], sizes: Sizes, data: BenchData, options: B
                  "test_rows_flattened": len(flattened_rows(data.test)), "tokenizer_vocab": sizes.vocab_size,
                  "mean_dialogue_tokens": data.mean_dialogue_tokens, "mean_summary_tokens": data.mean_summary_tokens},
         "sizes": asdict(sizes),
+        "dsum_options": list(options.dsum),  # `--dsum`: dsum's way ran with these instead of its defaults
         "machine": machine(options.device, load_before),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": options.command(),
@@ -1138,6 +1189,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines += ["", f"data: {data['train_dialogues']} training dialogues, {data['test_dialogues']} test dialogues "
                   f"({data['test_rows_flattened']} flattened rows); mean dialogue {data['mean_dialogue_tokens']:.0f} "
                   f"tokens ({data['tokenizer_vocab']:,}-token BPE trained on the training split)"]
+    if results["dsum_options"]:
+        lines.append(f"dsum's way ran with {' '.join(results['dsum_options'])} (--dsum), not its defaults")
     lines.append("overall (minimum over models; goal in brackets):")
     for key, goal in results["goals"].items():
         lines.append(f"  {key:30} {results[key]:8.2f}  [>= {goal:g}]")

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dsum.bench import (BenchData, BenchOptions, ModelSpec, Sizes, check_device, data_directory,
+from dsum.bench import (BenchData, BenchOptions, ModelSpec, Sizes, check_device, check_dsum_settings, data_directory,
                         dsum_generation_settings, dsum_speed_settings, eval_dsum, eval_model, free_memory, fresh_state,
                         machine, phase, recipe_settings, report, save_base, base_name, select_models, window_totals,
                         workspace)
@@ -70,6 +70,8 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
     check_device(options.device)
     sizes = options.sizes()
     workloads = select_workloads(options.device, options.models)
+    settings = check_dsum_settings(options.dsum_settings(), [select_models(options.device, [w.model])[0]
+                                                             for w in workloads], sizes)
     data_dir = data_directory(options.data)
     load_before = os.getloadavg()
     with workspace(options.workdir) as workdir:
@@ -78,7 +80,7 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
             note(f"{len(data.train)} training dialogues, {len(data.test)} test dialogues")
         results = {}
         for workload in workloads:
-            results[workload.model] = run_workload(workload, sizes, data, options.device, workdir)
+            results[workload.model] = run_workload(workload, sizes, data, options.device, workdir, settings)
             free_memory()
     summary = {
         "goals_met": overall([goal["met"] for r in results.values() for goal in r["goals"].values()]),
@@ -86,6 +88,7 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
         "data": {"directory": str(data.directory), "train_dialogues": len(data.train),
                  "test_dialogues": len(data.test), "tokenizer_vocab": sizes.vocab_size},
         "sizes": asdict(sizes),
+        "dsum_options": list(options.dsum),  # `--dsum`: set over the workloads' own settings
         "machine": machine(options.device, load_before),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": options.command(),
@@ -104,14 +107,15 @@ def select_workloads(device: str, names: tuple[str, ...] | None) -> list[Workloa
     return [known[name] for name in dict.fromkeys(names)] if names else list(known.values())
 
 
-def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str, workdir: Path) -> dict[str, Any]:
+def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str, workdir: Path,
+                 settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from dsum.train import train
 
     [spec] = select_models(device, [workload.model])
     with phase(f"{spec.name}: random-init base") as note:
         base, parameters = save_base(spec, sizes, data, device, workdir / "bases" / base_name(spec))
         note(f"{parameters:,} parameters")
-    recipe = workload_recipe(spec, workload, sizes, data, base, workdir / spec.name)
+    recipe = workload_recipe(spec, workload, sizes, data, base, workdir / spec.name, settings)
     what = "one epoch" if workload.epoch else f"{sizes.train_steps} steps after {sizes.warmup_steps} of warm-up"
     with phase(f"{spec.name}: train, {what}") as note:
         fresh_state(sizes.seed)
@@ -136,20 +140,22 @@ def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str,
         "adapter": recipe.adapter.method,
         "settings": {"epoch": workload.epoch, "sequence_length": workload.sequence_length,
                      **{key: getattr(recipe.train, key) for key in ("group_by_length", "max_tokens_per_batch", "packing",
-                                                                    "gradient_accumulation_steps", "optimizer",
-                                                                    "mixed_precision", "gradient_checkpointing")},
-                     "eval_batch_size": recipe.eval.batch_size,
-                     "eval_encoder_batch_size": recipe.eval.encoder_batch_size,
-                     "eval_max_new_tokens": recipe.eval.max_new_tokens, "eval_dtype": sizes.eval_dtype},
+                                                                    "fast_cpu_dropout", "gradient_accumulation_steps",
+                                                                    "optimizer", "mixed_precision",
+                                                                    "gradient_checkpointing")},
+                     **{f"eval_{key}": getattr(recipe.eval, key) for key in ("batch_size", "encoder_batch_size", "cache",
+                                                                            "compile", "max_new_tokens")},
+                     "eval_dtype": sizes.eval_dtype},
         "figures": figures,
         "goals": {name: judge(figures.get(name), goal) for name, goal in workload.goals.items()},
     }
 
 
 def workload_recipe(spec: ModelSpec, workload: Workload, sizes: Sizes, data: BenchData, base: Path,
-                    output_dir: Path) -> Recipe:
+                    output_dir: Path, settings: dict[str, dict[str, Any]] | None = None) -> Recipe:
     """The spec's recipe as a user runs it, on the saved base and the bench's tokenizer and data, with
-    dsum's speed settings: length-grouped token budgets, or packed rows of `sequence_length`."""
+    dsum's speed settings: length-grouped token budgets, or packed rows of `sequence_length`; then
+    `settings` (`--dsum`'s recipe sections) over them."""
     from transformers import AutoTokenizer
 
     from dsum.features import Featurizer
@@ -175,6 +181,8 @@ def workload_recipe(spec: ModelSpec, workload: Workload, sizes: Sizes, data: Ben
         features = Featurizer(recipe, AutoTokenizer.from_pretrained(data.tokenizer_dir)).training_features(data.train)
         speed = dsum_speed_settings(recipe.model.family, recipe.train.per_device_batch_size, features)
     raw["train"].update(speed)
+    for section, values in (settings or {}).items():
+        raw[section].update(values)
     return validate_recipe(raw, source=f"dsum bench --goals recipe for {spec.name}")
 
 
@@ -251,6 +259,8 @@ def format_goals(summary: dict[str, Any]) -> str:
                 lines.append(f"  {FIGURES[figure][0]:28}{'n/a':>12}  [{goal['goal']}: not measured on this device]")
     met = summary["goals_met"]
     lines.append("")
+    if summary["dsum_options"]:
+        lines.append(f"dsum ran with {' '.join(summary['dsum_options'])} (--dsum) over the workloads' settings")
     lines.append("goals: " + ("none on this device (the goals are for one H100 or H200)" if not any(
         r["goals"] for r in summary["workloads"].values()) else {True: "all met", False: "some missed",
                                                                  None: "not all measured"}[met]))

@@ -7,7 +7,7 @@
     dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
     dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
     dsum demo [--output-dir DIR]
-    dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE] [--models A,B] [--train-steps N] ...
+    dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE] [--models A,B] [--dsum KEY=VALUE] ...
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2;
 a run that cannot go on (a non-finite loss, a failed save) prints one line and exits 1.
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(sub) -> None:
-    from dsum.bench import CPU_MODELS, CUDA_MODELS, CPU_SIZES, CUDA_SIZES
+    from dsum.bench import CPU_MODELS, CPU_SIZES, CUDA_MODELS, CUDA_SIZES, DSUM_OPTIONS
 
     def per_device(name: str) -> str:
         return f"cpu {getattr(CPU_SIZES, name)}, cuda {getattr(CUDA_SIZES, name)}"
@@ -176,6 +176,9 @@ def add_bench_parser(sub) -> None:
                             f"all rows (default: {per_device('notebook_rows')})")
     bench.add_argument("--workdir", type=Path, metavar="DIR",
                        help="keep the random-init bases, tokenizer and runs here (default: a temporary directory)")
+    bench.add_argument("--dsum", action="append", default=[], metavar="KEY=VALUE",
+                       help="a setting of dsum's own way instead of its default, to measure what it changes "
+                            f"(repeatable); KEY one of {', '.join(DSUM_OPTIONS)}")
     bench.set_defaults(run=run_bench)
 
 
@@ -261,7 +264,8 @@ def run_bench(args: argparse.Namespace) -> int:
     models = tuple(name.strip() for name in args.models.split(",") if name.strip()) if args.models else None
     options = BenchOptions(device=args.device, data=args.data, json_path=args.json, models=models,
                            train_steps=args.train_steps, eval_dialogues=args.eval_dialogues,
-                           notebook_rows=args.notebook_rows, workdir=args.workdir, goals=args.goals)
+                           notebook_rows=args.notebook_rows, workdir=args.workdir, goals=args.goals,
+                           dsum=tuple(args.dsum))
     if options.goals:
         from dsum.bench_goals import run_goals
 

@@ -12,16 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DIALOGSUM
+from conftest import DIALOGSUM, reset_accelerate_state
 from dsum import bench
 from dsum.cli import main
+from dsum.config import recipe_to_dict
 from dsum.features import Collator, Feature, num_processed_tokens, num_real_tokens
 
 needs_dialogsum = pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(), reason=f"no DialogSum in {DIALOGSUM}")
 
 # Tiny: 200 training dialogues, batches of 2, 4 timed steps in 2 training rounds (each after 1 warm-up
-# step), 4 test dialogues.
+# step), 4 test dialogues. dsum's own way with two settings of `--dsum`: they must reach its training
+# and its generation, and nothing of the other ways.
 TRAIN_STEPS, TRAIN_ROUNDS, EVAL_DIALOGUES, NOTEBOOK_ROWS, BATCH = 4, 2, 4, 2, 2
+DSUM_OPTIONS = ("train.fast_cpu_dropout=false", "eval.batch_size=3")
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +50,15 @@ def run(tmp_path_factory):
         with contextlib.redirect_stdout(stdout):
             status = main(["bench", "--data", str(DIALOGSUM), "--json", str(out / "bench.json"), "--models", "t5,llama",
                            "--train-steps", str(TRAIN_STEPS), "--eval-dialogues", str(EVAL_DIALOGUES),
-                           "--notebook-rows", str(NOTEBOOK_ROWS), "--workdir", str(out / "work")])
+                           "--notebook-rows", str(NOTEBOOK_ROWS), "--workdir", str(out / "work"),
+                           *(f"--dsum={option}" for option in DSUM_OPTIONS)])
     finally:
         patch.undo()
         torch.set_num_threads(threads)
-        _reset_accelerate()
+        reset_accelerate_state()
     assert status == 0, stdout.getvalue()[-2000:]
     return json.loads((out / "bench.json").read_text()), stdout.getvalue()
 
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @needs_dialogsum
@@ -78,6 +75,9 @@ def test_every_figure_is_there_and_finite(run):
     machine = results["machine"]
     assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__
     assert results["command"].startswith("dsum bench --device cpu --data ")
+    assert results["command"].endswith(" --dsum train.fast_cpu_dropout=false --dsum eval.batch_size=3")
+    assert results["dsum_options"] == list(DSUM_OPTIONS)
+    assert "dsum's way ran with train.fast_cpu_dropout=false eval.batch_size=3 (--dsum), not its defaults" in stdout
     assert results["date"] and results["wall_seconds"] > 0
     assert "t5 (seq2seq" in stdout and "llama (causal" in stdout and "total wall time" in stdout
 
@@ -146,9 +146,15 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
         assert max(lengths) - min(lengths) <= 1.0, (name, lengths)  # the same work per row in every way
         assert max(lengths) <= bench.CPU_SIZES.max_new_tokens
     assert "extrapolated" in stdout
-    # dsum's generation settings: its batch, and for T5 the encoder's part of it.
-    assert results["models"]["t5"]["dsum_eval_settings"] == {"batch_size": 128, "encoder_batch_size": 16}
-    assert results["models"]["llama"]["dsum_eval_settings"] == {"batch_size": 64, "encoder_batch_size": None}
+    # dsum's generation settings: its batch (from --dsum), and for T5 the encoder's part of it.
+    assert results["models"]["t5"]["dsum_eval_settings"] == {"batch_size": 3, "encoder_batch_size": 16,
+                                                             "cache": "dynamic", "compile": False}
+    assert results["models"]["llama"]["dsum_eval_settings"] == {"batch_size": 3, "encoder_batch_size": None,
+                                                                "cache": "dynamic", "compile": False}
+    for model in results["models"].values():
+        assert model["eval"]["dsum"]["batch_size"] == 3  # what dsum's generator was given
+        assert model["train"]["dsum"]["settings"]["fast_cpu_dropout"] is False
+        assert model["dsum_settings"]["fast_cpu_dropout"] is False and model["dsum_settings"]["group_by_length"]
 
 
 @needs_dialogsum
@@ -291,12 +297,39 @@ def test_gpu_recipes_take_their_settings_from_recipes(tmp_path):
         speed = {k: 1024 if v == bench.TOKEN_BUDGET else v for k, v in bench.DSUM_SPEED[family].items()}
         recipe = bench.bench_recipe(spec, bench.CUDA_SIZES, model_source={"name_or_path": str(tmp_path / "base")},
                                     tokenizer_dir=tmp_path / "tokenizer", data_dir=tmp_path, output_dir=tmp_path / "run",
-                                    speed=speed)
+                                    dsum={"train": speed})
         assert recipe.train.mixed_precision == "bf16" and recipe.train.optimizer == "adamw"
         assert recipe.train.max_steps == bench.CUDA_SIZES.warmup_steps + bench.CUDA_SIZES.train_steps
         assert recipe.adapter.method == {"flan-t5-base": "none", "flan-t5-large": "none", "llama-2-7b-lora": "lora",
                                          "llama-2-7b-qlora": "qlora"}[spec.name]
         assert recipe.tokenizer.max_source_length == 512 and recipe.tokenizer.max_target_length == 128
+
+
+def test_dsum_options_change_dsums_own_way_alone(tmp_path):
+    """`--dsum KEY=VALUE` reaches dsum's recipe, typed as the schema types it, and nothing else of the
+    recipe every way reads; the command that reruns the bench names it."""
+    options = bench.BenchOptions(dsum=("train.fast_cpu_dropout=false", "eval.cache=static", "eval.batch_size=8",
+                                       "train.max_tokens_per_batch=null"))
+    settings = options.dsum_settings()
+    assert settings == {"train": {"fast_cpu_dropout": False, "max_tokens_per_batch": None},
+                        "eval": {"cache": "static", "batch_size": 8}}
+    assert options.command().endswith("--dsum train.fast_cpu_dropout=false --dsum eval.cache=static "
+                                      "--dsum eval.batch_size=8 --dsum train.max_tokens_per_batch=null")
+    assert bench.check_dsum_settings(settings, bench.CPU_MODELS + bench.CUDA_MODELS, bench.CPU_SIZES) == settings
+    paths = {"model_source": {"name_or_path": str(tmp_path / "base")}, "tokenizer_dir": tmp_path / "tokenizer",
+             "data_dir": tmp_path, "output_dir": tmp_path / "run"}
+    for spec in bench.CPU_MODELS:
+        shared = bench.bench_recipe(spec, bench.CPU_SIZES, **paths)
+        own = bench.bench_recipe(spec, bench.CPU_SIZES, **paths, dsum=settings)
+        assert bench.dsum_own_settings(shared, "train")["fast_cpu_dropout"] is True
+        assert bench.dsum_own_settings(own, "train")["fast_cpu_dropout"] is False
+        assert bench.dsum_own_settings(own, "eval") == {"batch_size": 8, "cache": "static", "compile": False,
+                                                         "encoder_batch_size": shared.eval.encoder_batch_size}
+        changed = {("train", "fast_cpu_dropout"), ("eval", "cache"), ("eval", "batch_size")}
+        a, b = recipe_to_dict(shared), recipe_to_dict(own)
+        assert {(section, key) for section in a if isinstance(a[section], dict) for key in a[section]
+                if a[section][key] != b[section][key]} == changed
+    assert bench.BenchOptions().dsum_settings() == {"train": {}, "eval": {}}
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(monkeypatch, capsys):

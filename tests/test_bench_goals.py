@@ -39,7 +39,7 @@ def run(tmp_path_factory):
         with contextlib.redirect_stdout(stdout):
             status = main(["bench", "--goals", "--data", str(DIALOGSUM), "--json", str(out / "goals.json"),
                            "--train-steps", str(TRAIN_STEPS), "--eval-dialogues", str(EVAL_DIALOGUES),
-                           "--workdir", str(out / "work")])
+                           "--workdir", str(out / "work"), "--dsum", "train.fast_cpu_dropout=false"])
     finally:
         patch.undo()
         torch.set_num_threads(threads)
@@ -110,6 +110,10 @@ def test_the_cpu_run_has_no_goals_and_says_so(run):
     assert "goals: none on this device" in stdout
     assert results["command"].startswith("dsum bench --goals --device cpu --data ")
     assert results["machine"]["torch"] == torch.__version__
+    # `--dsum` over the workloads' own settings, named in the command and the settings each workload ran with.
+    assert results["command"].endswith(" --dsum train.fast_cpu_dropout=false")
+    assert [w["settings"]["fast_cpu_dropout"] for w in results["workloads"].values()] == [False, False]
+    assert "dsum ran with train.fast_cpu_dropout=false (--dsum) over the workloads' settings" in stdout
 
 
 def _data(workdir: Path, examples: int = 50) -> bench.BenchData:
@@ -166,12 +170,14 @@ def test_a_missed_goal_is_reported_as_missed():
                           "mfu": bench_goals.judge(None, (">=", 0.25))}}
     met = bench_goals.overall([goal["met"] for goal in workload["goals"].values()])
     text = bench_goals.format_goals({"goals_met": met, "workloads": {"llama-2-7b-qlora": workload},
+                                     "dsum_options": ["eval.batch_size=32"],
                                      "machine": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2"}, "wall_seconds": 1})
     lines = [" ".join(line.split()) for line in text.splitlines()]
     assert "train real tokens/s 4,000 [>= 5000: missed]" in lines
     assert "peak GPU reserved, GiB 9.00 [<= 10: met]" in lines
     assert "MFU n/a [>= 0.25: not measured on this device]" in lines
     assert "goals: some missed" in lines and "machine: NVIDIA H100 80GB HBM3, torch 2; total wall time: 1s" in lines
+    assert "dsum ran with eval.batch_size=32 (--dsum) over the workloads' settings" in lines
 
 
 @pytest.mark.parametrize("args, message", [

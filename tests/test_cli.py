@@ -61,6 +61,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     assert "Traceback" not in result.stderr
 
 
+# Commands that load no model, run one after another in a fresh process: does any of them import torch?
+WITHOUT_A_MODEL = """
+import sys
+from dsum.cli import main
+out, predictions = sys.argv[1], sys.argv[2]
+statuses = [
+    main(["submit", "recipes/tiny/t5-lora.yaml", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", f"output_dir={out}"]),
+    main(["score", "--predictions", predictions, "--json"]),
+    main(["train", "recipes/tiny/t5-lora.yaml", "train.learning_rate=-1", f"output_dir={out}"]),
+]
+print(statuses, "torch" in sys.modules)
+"""
+
+
+def test_commands_that_load_no_model_never_import_torch(tmp_path):
+    """`dsum submit` on a login node, `dsum score`, and any recipe error answer without the seconds that
+    importing torch takes."""
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"prediction": "they meet", "summary": "they meet at noon"}\n')
+    result = subprocess.run([sys.executable, "-c", WITHOUT_A_MODEL, str(tmp_path / "run"), str(predictions)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[0, 0, 2] False"
+
+
 def test_demo_learns_the_synthetic_corpus(tmp_path):
     """The README's first command: trains and evaluates offline and ends with a ROUGE table."""
     result = dsum("demo", "--output-dir", str(tmp_path / "demo"))

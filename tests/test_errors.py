@@ -209,6 +209,12 @@ CASES = [
      "--accelerate zero9: no such config; expected one of"),
     ("submit-without-sbatch", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1"],
      "sbatch is not on PATH"),
+    ("bench-dsum-setting-the-other-ways-read", lambda ws: ["bench", "--workdir", str(ws / "bench"), "--dsum",
+                                                          "train.learning_rate=1"],
+     "--dsum train.learning_rate=1: expected KEY=VALUE, KEY one of train.group_by_length,"),
+    ("bench-dsum-value-a-model-refuses", lambda ws: ["bench", "--workdir", str(ws / "bench"), "--dsum",
+                                                     "train.packing=true"],
+     "--dsum: dsum bench recipe for t5: train.packing puts examples end to end in one decoder row, which only causal"),
 ]
 
 
