@@ -18,7 +18,6 @@ from dsum.cli import main
 from dsum.config import recipe_to_dict
 from dsum.features import Collator, Feature, num_processed_tokens, num_real_tokens
 
-needs_dialogsum = pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(), reason=f"no DialogSum in {DIALOGSUM}")
 
 # Tiny: 200 training dialogues, batches of 2, 4 timed steps in 2 training rounds (each after 1 warm-up
 # step), 4 test dialogues. dsum's own way with two settings of `--dsum`: they must reach its training
@@ -61,7 +60,6 @@ def run(tmp_path_factory):
 
 
 
-@needs_dialogsum
 def test_every_figure_is_there_and_finite(run):
     results, stdout = run
     for key in bench.GOALS:
@@ -82,7 +80,6 @@ def test_every_figure_is_there_and_finite(run):
     assert "t5 (seq2seq" in stdout and "llama (causal" in stdout and "total wall time" in stdout
 
 
-@needs_dialogsum
 def test_the_ratios_are_the_ratios_of_the_rates(run):
     results, _ = run
     for model in results["models"].values():
@@ -100,7 +97,6 @@ def test_the_ratios_are_the_ratios_of_the_rates(run):
         assert results[key] == pytest.approx(min(m["ratios"][key] for m in results["models"].values()))
 
 
-@needs_dialogsum
 def test_the_ways_train_on_the_same_data_for_the_same_steps(run):
     results, _ = run
     for name, model in results["models"].items():
@@ -113,7 +109,6 @@ def test_the_ways_train_on_the_same_data_for_the_same_steps(run):
         assert model["batch_size"] == BATCH
 
 
-@needs_dialogsum
 def test_padding_is_what_each_way_does(run):
     results, _ = run
     sizes = bench.CPU_SIZES
@@ -129,7 +124,6 @@ def test_padding_is_what_each_way_does(run):
         assert model["ratios"]["padding_efficiency"] == dsum["padding_efficiency"]
 
 
-@needs_dialogsum
 def test_the_ways_generate_the_same_for_the_same_dialogues(run):
     results, stdout = run
     for name, model in results["models"].items():
@@ -157,7 +151,6 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
         assert model["dsum_settings"]["fast_cpu_dropout"] is False and model["dsum_settings"]["group_by_length"]
 
 
-@needs_dialogsum
 def test_the_evaluation_is_timed_in_rounds_that_take_the_ways_in_turn(run):
     """The notebook's timed rows and no_trainer's batches are split between the rounds, dsum's pass is
     repeated in each; the printed phases alternate the ways round by round."""
@@ -173,7 +166,6 @@ def test_the_evaluation_is_timed_in_rounds_that_take_the_ways_in_turn(run):
         assert where == sorted(where), stdout
 
 
-@needs_dialogsum
 def test_the_training_is_timed_in_rounds_that_take_the_ways_in_turn(run):
     """The timed steps are split between the rounds, each way trains once a round, and the printed
     phases alternate the ways round by round."""

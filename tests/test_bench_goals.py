@@ -21,7 +21,6 @@ from dsum.data import load_split
 from dsum.config import validate_recipe
 from dsum.features import Featurizer
 
-needs_dialogsum = pytest.mark.skipif(not (DIALOGSUM / "train.jsonl").is_file(), reason=f"no DialogSum in {DIALOGSUM}")
 
 TRAIN_EXAMPLES, WARMUP, TRAIN_STEPS, EVAL_DIALOGUES = 100, 1, 2, 4
 
@@ -48,7 +47,6 @@ def run(tmp_path_factory):
     return json.loads((out / "goals.json").read_text()), stdout.getvalue(), out / "work"
 
 
-@needs_dialogsum
 def test_the_epoch_covers_every_training_example_once_and_reports_its_own_loop(run):
     results, stdout, workdir = run
     t5 = results["workloads"]["t5"]
@@ -71,7 +69,6 @@ def test_the_epoch_covers_every_training_example_once_and_reports_its_own_loop(r
     assert "t5 (3,032,832 parameters, full fine-tuning; one epoch" in stdout
 
 
-@needs_dialogsum
 def test_the_llama_trains_on_packed_rows_of_the_sequence_length_over_the_timed_steps(run):
     results, stdout, workdir = run
     llama = results["workloads"]["llama"]
@@ -93,7 +90,6 @@ def test_the_llama_trains_on_packed_rows_of_the_sequence_length_over_the_timed_s
     assert "packed rows of 1024 tokens" in stdout
 
 
-@needs_dialogsum
 def test_generation_covers_every_test_dialogue(run):
     results, _, _ = run
     figures = results["workloads"]["t5"]["figures"]
@@ -102,7 +98,6 @@ def test_generation_covers_every_test_dialogue(run):
     assert "eval_seconds" not in results["workloads"]["llama"]["figures"]
 
 
-@needs_dialogsum
 def test_the_cpu_run_has_no_goals_and_says_so(run):
     results, stdout, _ = run
     assert results["goals_met"] is None
@@ -124,7 +119,6 @@ def _data(workdir: Path, examples: int = 50) -> bench.BenchData:
     return bench.BenchData(DIALOGSUM, train, [], examples, workdir / "tokenizer", 0.0, 0.0)
 
 
-@needs_dialogsum
 def test_gpu_workloads_run_the_repository_recipes_with_their_shapes(run, tmp_path):
     """Everything before the GPU: each workload's recipe, built on the bench's tokenizer."""
     _, _, workdir = run

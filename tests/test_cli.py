@@ -22,8 +22,8 @@ def dsum(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Complete
 @pytest.mark.parametrize("family, masked", [("t5", "Summarize the following conversation."), ("llama", "<s>Summarize")])
 def test_validate_shows_the_run_without_training(tmp_path, family, masked):
     out = tmp_path / "never"
-    result = run_dsum("validate", str(ROOT / "recipes" / "tiny" / f"{family}-lora.yaml"), "train.gradient_accumulation_steps=2",
-                  "--num-processes", "4", f"output_dir={out}")
+    result = run_dsum("validate", str(ROOT / "recipes" / "tiny" / f"{family}-lora.yaml"),
+                      "train.gradient_accumulation_steps=2", "--num-processes", "4", f"output_dir={out}")
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "world size: 4" in text
@@ -67,7 +67,8 @@ import sys
 from dsum.cli import main
 out, predictions = sys.argv[1], sys.argv[2]
 statuses = [
-    main(["submit", "recipes/tiny/t5-lora.yaml", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", f"output_dir={out}"]),
+    main(["submit", "recipes/tiny/t5-lora.yaml", "--nodes", "2", "--gpus-per-node", "4", "--dry-run",
+          f"output_dir={out}"]),
     main(["score", "--predictions", predictions, "--json"]),
     main(["train", "recipes/tiny/t5-lora.yaml", "train.learning_rate=-1", f"output_dir={out}"]),
 ]
@@ -99,7 +100,8 @@ def test_demo_learns_the_synthetic_corpus(tmp_path):
 
 
 def test_an_untrained_model_scores_far_below_the_demo(tmp_path):
-    result = run_dsum("train", str(ROOT / "dsum" / "demo.yaml"), "train.max_steps=1", f"output_dir={tmp_path / 'untrained'}")
+    result = run_dsum("train", str(ROOT / "dsum" / "demo.yaml"), "train.max_steps=1",
+                      f"output_dir={tmp_path / 'untrained'}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "untrained" / "eval" / "metrics.json").read_text())
     assert metrics["rouge1"] < 0.2

@@ -47,7 +47,8 @@ def test_same_predictions_with_1_2_and_3_processes(run_dir, tmp_path):
 
     outputs = {}
     for n in (1, 2, 3):
-        launcher = ["torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(free_port())] if n > 1 else []
+        launcher = [] if n == 1 else ["torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+                                      str(free_port())]
         dsum_eval(launcher, run_dir, tmp_path / f"p{n}", env={"ACCELERATE_USE_CPU": "true"})
         outputs[n] = (tmp_path / f"p{n}" / "predictions.jsonl").read_bytes()
     rows = [json.loads(line) for line in outputs[1].decode().splitlines()]
@@ -189,7 +190,8 @@ def test_the_comparison_report_renders_with_its_tables_and_plots(run_dir, tmp_pa
     # Two evaluations of the same split: the trained run (with its loss curve) and a prompted baseline.
     dsum_eval([], run_dir, run_dir / "eval")
     baseline = tmp_path / "zero-shot"
-    assert run_dsum("eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "--output-dir", str(baseline)).returncode == 0
+    zero_shot = run_dsum("eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "--output-dir", str(baseline))
+    assert zero_shot.returncode == 0, zero_shot.stderr[-3000:]
     out = compare([baseline, run_dir], tmp_path / "report", samples=3)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # ROUGE bars and the loss curve, embedded
