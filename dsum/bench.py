@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from dsum.config import DataConfig, Recipe, RecipeError, apply_override, validate_recipe
+from dsum.distributed import tell_deepspeed_the_device
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WAYS = ("notebook", "no_trainer", "dsum")
@@ -224,6 +225,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     """Bench every chosen model; print one line per phase and the table; write the JSON if asked."""
     started = time.perf_counter()
     check_device(options.device)
+    tell_deepspeed_the_device()  # before a way imports it
     sizes = options.sizes()
     specs = select_models(options.device, options.models)
     settings = check_dsum_settings(options.dsum_settings(), specs, sizes)

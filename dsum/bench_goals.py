@@ -31,6 +31,7 @@ from dsum.bench import (BenchData, BenchOptions, ModelSpec, Sizes, check_device,
                         machine, phase, recipe_settings, report, save_base, base_name, select_models, window_totals,
                         workspace)
 from dsum.config import Recipe, RecipeError, validate_recipe
+from dsum.distributed import tell_deepspeed_the_device
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
     if options.notebook_rows is not None:
         raise RecipeError("--notebook-rows: --goals times dsum alone, with no notebook way; leave it out")
     check_device(options.device)
+    tell_deepspeed_the_device()  # before the training imports it
     sizes = options.sizes()
     workloads = select_workloads(options.device, options.models)
     settings = check_dsum_settings(options.dsum_settings(), [select_models(options.device, [w.model])[0]

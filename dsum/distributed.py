@@ -57,17 +57,23 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
+def tell_deepspeed_the_device() -> None:
+    """Without CUDA, tell DeepSpeed that it runs on the CPU, before it is first imported (else it warns
+    that it fell back to the CPU). Where the user set DS_ACCELERATOR, theirs stands."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def process_group_kwargs() -> list:
-    """Accelerate's kwargs_handlers, asked for just before the Accelerator is built. On a CPU, DeepSpeed is
-    told so (else it warns that it fell back to one), and Accelerate, which picks no backend for
-    DeepSpeed there and believes it runs alone, is given gloo, the one there is."""
+    """Accelerate's kwargs_handlers, asked for just before the Accelerator is built. On a CPU, Accelerate
+    picks no backend for DeepSpeed and believes it runs alone: it is given gloo, the one there is."""
     import torch
     from accelerate.utils import InitProcessGroupKwargs
 
-    if torch.cuda.is_available():
-        return []
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    tell_deepspeed_the_device()
+    deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
                         and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     return [InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else []
 
