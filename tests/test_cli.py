@@ -61,9 +61,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     assert "Traceback" not in result.stderr
 
 
-# Commands that load no model, run one after another in a fresh process: does any of them import torch?
+# Commands that load no model, run one after another in a fresh process: does any of them import torch,
+# or set DS_ACCELERATOR (which `sbatch` would hand on to the job, GPU or not)?
 WITHOUT_A_MODEL = """
-import sys
+import os, sys
 from dsum.cli import main
 out, predictions = sys.argv[1], sys.argv[2]
 statuses = [
@@ -72,19 +73,20 @@ statuses = [
     main(["score", "--predictions", predictions, "--json"]),
     main(["train", "recipes/tiny/t5-lora.yaml", "train.learning_rate=-1", f"output_dir={out}"]),
 ]
-print(statuses, "torch" in sys.modules)
+print(statuses, "torch" in sys.modules, os.environ.get("DS_ACCELERATOR"))
 """
 
 
 def test_commands_that_load_no_model_never_import_torch(tmp_path):
     """`dsum submit` on a login node, `dsum score`, and any recipe error answer without the seconds that
-    importing torch takes."""
+    importing torch takes, and a job submitted from a machine without a GPU is not told it has none."""
     predictions = tmp_path / "p.jsonl"
     predictions.write_text('{"prediction": "they meet", "summary": "they meet at noon"}\n')
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
     result = subprocess.run([sys.executable, "-c", WITHOUT_A_MODEL, str(tmp_path / "run"), str(predictions)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "[0, 0, 2] False"
+    assert result.stdout.splitlines()[-1] == "[0, 0, 2] False None"
 
 
 def test_demo_learns_the_synthetic_corpus(tmp_path):
