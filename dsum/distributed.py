@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 def process_group():
     """torch.distributed where a process group is running, else None. torch is imported here, not at the
-    top: `dsum submit` writes run.json through this module and needs no torch, and no group can run
+    top: `dsum submit` imports this module (through run_info) and needs no torch, and no group can run
     before torch is imported."""
     if "torch" not in sys.modules:
         return None
