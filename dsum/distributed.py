@@ -80,16 +80,32 @@ def process_group_kwargs() -> list:
 
 def _reduce(values: list[float], op: str) -> list[float]:
     """`op` (a torch.distributed.ReduceOp name) over all processes, element-wise, in float64 so token
-    counts stay exact."""
+    counts stay exact. The values are the host's, and so is the reduction: over gloo (`host_group`),
+    never through a GPU, whose queue a read of the result would wait on."""
     import torch
 
     dist = process_group()
     if dist is None:
         return [float(v) for v in values]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op), group=host_group())
     return tensor.tolist()
+
+
+_HOST_GROUPS: dict[Any, Any] = {}
+
+
+def host_group():
+    """A gloo group of every process, for values that live on the host: the default group where it is
+    gloo already, else one made once per default group (every process makes it at its first reduction,
+    and every process takes part in every reduction, so all make it together)."""
+    dist = process_group()
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if world not in _HOST_GROUPS:
+        _HOST_GROUPS[world] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[world]
 
 
 def sum_all(values: list[float]) -> list[float]:

@@ -135,30 +135,82 @@ class Featurizer:
 
 
 @dataclass
+class MicroBatch:
+    """One micro-batch as the training loop takes it: the model's tensors, built on the host, and what
+    the loop counts of it, worked out from the features in Python. Nothing here reads a tensor's value,
+    which on a GPU would wait for the device to finish its queue."""
+
+    tensors: dict[str, torch.Tensor]
+    targets: int  # tokens the loss is taken over
+    real_tokens: int  # non-padding positions computed: encoder + decoder targets (seq2seq), the row (causal)
+    processed_tokens: int  # positions computed, padding included: the denominator of padding efficiency
+    lengths: list[int]  # per example: its prompt (seq2seq encoder) or whole row (causal) tokens
+    target_lengths: list[int]  # per example: its target tokens
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors on `device`. To a GPU they go from pinned memory without waiting: the copy is
+        queued behind the work already there, and the host goes on to the next micro-batch."""
+        if device.type != "cuda":
+            return {key: value.to(device) for key, value in self.tensors.items()}
+        return {key: value.pin_memory().to(device, non_blocking=True) for key, value in self.tensors.items()}
+
+
+@dataclass
 class Collator:
     """Pads a list of features to the longest row in it, or packs them into one row; seq2seq batches
-    get decoder inputs too."""
+    get decoder inputs too.
+
+    `targets_only` (causal models whose head can run at chosen positions, see `dsum.loss.TokenLoss`):
+    the batch also holds, per row, the positions whose next token is a target (`target_positions`) and
+    those tokens (`target_labels`), padded with position 0 and -100 to the row with the most. They are
+    worked out here, on the host, so that the loss never selects positions by a mask on the device
+    (boolean indexing waits for the device to count the selected elements)."""
 
     pad_token_id: int
     decoder_start_token_id: int | None = None  # set for seq2seq models
     packed: bool = False
+    targets_only: bool = False
 
     def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
         if self.packed:
-            return {
+            batch = {
                 "input_ids": torch.tensor([[t for f in features for t in f.input_ids]]),
                 "labels": torch.tensor([[t for f in features for t in f.labels]]),
                 "position_ids": torch.tensor([[i for f in features for i in range(len(f.input_ids))]]),
             }
-        input_ids = pad([f.input_ids for f in features], self.pad_token_id)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": pad([[1] * len(f.input_ids) for f in features], 0),
-            "labels": pad([f.labels for f in features], IGNORE_INDEX),
-        }
+            rows = [[t for f in features for t in f.labels]]
+        else:
+            batch = {
+                "input_ids": pad([f.input_ids for f in features], self.pad_token_id),
+                "attention_mask": pad([[1] * len(f.input_ids) for f in features], 0),
+                "labels": pad([f.labels for f in features], IGNORE_INDEX),
+            }
+            rows = [f.labels for f in features]
         if self.decoder_start_token_id is not None:
             batch["decoder_input_ids"] = shift_right(batch["labels"], self.decoder_start_token_id, self.pad_token_id)
+        elif self.targets_only:
+            # Position t predicts token t + 1.
+            positions = [[t for t in range(len(row) - 1) if row[t + 1] != IGNORE_INDEX] for row in rows]
+            batch["target_positions"] = pad(positions, 0)
+            batch["target_labels"] = pad([[row[t + 1] for t in kept] for row, kept in zip(rows, positions)],
+                                         IGNORE_INDEX)
         return batch
+
+    def batch(self, features: Sequence[Feature]) -> MicroBatch:
+        """The tensors and the counts of one micro-batch (see `MicroBatch`)."""
+        seq2seq = self.decoder_start_token_id is not None
+        lengths = [len(f.input_ids) for f in features]
+        # A causal row's first token predicts nothing: position t predicts token t + 1.
+        target_lengths = [sum(t != IGNORE_INDEX for t in (f.labels if seq2seq else f.labels[1:])) for f in features]
+        if self.packed:
+            processed = sum(lengths)
+        else:
+            processed = len(features) * max(lengths)
+            if seq2seq:
+                processed += len(features) * max(len(f.labels) for f in features)
+        return MicroBatch(self(features), targets=sum(target_lengths),
+                          real_tokens=sum(lengths) + (sum(target_lengths) if seq2seq else 0),
+                          processed_tokens=processed, lengths=lengths, target_lengths=target_lengths)
 
 
 def feature_tokens(feature: Feature, family: str) -> int:

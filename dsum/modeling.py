@@ -161,9 +161,9 @@ def check_packing(recipe: Recipe, config: Any) -> None:
 
 
 def logits_for_targets_only(model) -> bool:
-    """Whether a causal model can run its output head on the target positions alone: its forward takes
-    a boolean mask in `logits_to_keep` (transformers' `slice_logits_to_keep`). The loss is the same;
-    the head's FLOPs over the prompt and their logits' memory are saved."""
+    """Whether a causal model can run its output head at chosen positions alone: its forward takes a
+    (rows, positions) tensor in `logits_to_keep` (transformers' `slice_logits_to_keep`). The loss is the
+    same; the head's FLOPs over the prompt and their logits' memory are saved."""
     import inspect
     import sys
 
@@ -173,11 +173,12 @@ def logits_for_targets_only(model) -> bool:
     try:
         from transformers.modeling_utils import slice_logits_to_keep
 
-        masked = slice_logits_to_keep(torch.zeros(1, 2, 1), torch.tensor([[False, True]])).shape == (1, 1)
-    except (ImportError, IndexError, RuntimeError):  # a transformers without boolean masks
+        kept = slice_logits_to_keep(torch.arange(3.0).reshape(1, 3, 1), torch.tensor([[2, 0]]))
+        by_position = kept.flatten().tolist() == [2.0, 0.0]
+    except (ImportError, IndexError, RuntimeError):  # a transformers without positions per row
         return False
     forward = type(base).forward
-    return (masked and "logits_to_keep" in inspect.signature(forward).parameters
+    return (by_position and "logits_to_keep" in inspect.signature(forward).parameters
             and vars(sys.modules[forward.__module__]).get("slice_logits_to_keep") is slice_logits_to_keep)
 
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from dsum.features import IGNORE_INDEX, num_target_tokens
+from dsum.features import MicroBatch
 
 PHASES = ("data", "forward_backward", "optimizer")
 
@@ -133,6 +133,7 @@ class FlopCounter:
                 self.weights[stack][0] += size
                 self.weights[stack][1] += size if module.weight.requires_grad else 0
         config = model.config
+        self.seq2seq = config.is_encoder_decoder
         self.encoder_layers = getattr(config, "num_layers", 0) if config.is_encoder_decoder else 0
         self.decoder_layers = (getattr(config, "num_decoder_layers", None) or getattr(config, "num_layers", 0)
                                if config.is_encoder_decoder else config.num_hidden_layers)
@@ -144,23 +145,14 @@ class FlopCounter:
         total, trainable = self.weights[stack]
         return 4 * total + 2 * trainable
 
-    def batch(self, batch: dict[str, torch.Tensor]) -> float:
+    def batch(self, batch: MicroBatch) -> float:
         attention = 3 * 4 * self.attention_width  # forward and backward, per layer and per query-key pair
-        head = num_target_tokens(batch) * self.per_token("head")  # the logits the loss reads
-        if "decoder_input_ids" in batch:
-            source = batch["attention_mask"].sum(dim=1).double()
-            target = (batch["labels"] != IGNORE_INDEX).sum(dim=1).double()
-            return float(source.sum() * self.per_token("encoder") + target.sum() * self.per_token("decoder")
-                         + head + attention * (self.encoder_layers * (source**2).sum()
-                                               + self.decoder_layers * (target**2 + target * source).sum()))
-        lengths = sequence_lengths(batch).double()
-        return float(lengths.sum() * self.per_token("decoder") + head
-                     + attention * self.decoder_layers * (lengths**2).sum())
-
-
-def sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Real tokens of each example of a causal batch, padded or packed (positions restart at 0)."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum(dim=1)
-    starts = torch.nonzero(batch["position_ids"].flatten() == 0).flatten().tolist() + [batch["position_ids"].numel()]
-    return torch.tensor([end - start for start, end in zip(starts, starts[1:])])
+        head = batch.targets * self.per_token("head")  # the logits the loss reads
+        if self.seq2seq:  # the encoder over the prompt, the decoder over the targets
+            pairs = sum(t * t + t * s for s, t in zip(batch.lengths, batch.target_lengths))
+            return float(sum(batch.lengths) * self.per_token("encoder")
+                         + sum(batch.target_lengths) * self.per_token("decoder") + head
+                         + attention * (self.encoder_layers * sum(s * s for s in batch.lengths)
+                                        + self.decoder_layers * pairs))
+        return float(sum(batch.lengths) * self.per_token("decoder") + head
+                     + attention * self.decoder_layers * sum(n * n for n in batch.lengths))

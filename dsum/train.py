@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dsum import checkpoint, distributed, faults
 from dsum.batching import BatchPlan, training_plan
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed
 from dsum.cpu_dropout import FastCpuDropout
 from dsum.data import Example, load_split
-from dsum.features import (IGNORE_INDEX, Collator, Featurizer, feature_tokens, num_processed_tokens,
-                           num_real_tokens, num_target_tokens)
+from dsum.features import Collator, Featurizer, MicroBatch, feature_tokens
 from dsum.generate import check_generation
+from dsum.loss import TokenLoss
 from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, logits_for_targets_only,
                            materialize_base, model_config)
@@ -91,8 +90,6 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     val_features = Featurizer(recipe, tokenizer).training_features(val_examples)
     config = model_config(recipe, tokenizer)
     check_packing(recipe, config)
-    collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None,
-                       packed=cfg.packing)
 
     # ---- model, optimizer, schedule --------------------------------------------------------
     source: str | Path | None = recipe.model.name_or_path
@@ -101,6 +98,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             source = materialize_base(recipe, config, output_dir).resolve()
     model = load_model(recipe, source)
     token_loss = TokenLoss(recipe.model.family, targets_only=logits_for_targets_only(model))
+    collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None,
+                       packed=cfg.packing, targets_only=token_loss.targets_only)
     fast_dropout = FastCpuDropout(model) if cfg.fast_cpu_dropout and accelerator.device.type == "cpu" else None
     if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
         check_generation(recipe.eval, model, synced_gpus=distributed.zero3(accelerator))
@@ -135,7 +134,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
     model.train()
-    window_log = LogWindow(accelerator.device, recipe.model.family, FlopCounter(accelerator.unwrap_model(model)),
+    window_log = LogWindow(accelerator.device, FlopCounter(accelerator.unwrap_model(model)),
                            state.get("log_window") if resume is not None else None)
     peak_flops = device_peak_flops(accelerator.device)
     guard = NonFiniteGuard(cfg.on_nonfinite_loss, accelerator.device, state.get("skipped_steps", 0))
@@ -143,15 +142,18 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     seen = {"real_tokens": 0.0, "processed_tokens": 0.0, "flops": 0.0}  # over the whole loop, for the summary in run.json
     set_aside = 0.0  # seconds the loop spent validating and saving checkpoints: not training, not in the rates
     started = last_log = time.perf_counter()
+    # Between logging steps nothing is read back from the device (counts come from the host, the loss
+    # and gradient norm stay on the device until logged), so the host queues a step's work and goes on
+    # to collate the next window while the device computes.
     while step < total_steps:
         clock.start()
         epoch, index = plan.locate(step)
         window = plan.windows(epoch)[index]
-        batches = [collate([train_features[i] for i in ids]) for ids in window]
+        batches = [collate.batch([train_features[i] for i in ids]) for ids in window]
 
         # Normalise by the window's target tokens on every rank, so the update is a per-token mean.
-        local_targets = sum(num_target_tokens(b) for b in batches)
-        # The same all-reduce carries every rank's vote to stop, so all ranks stop at the same step.
+        local_targets = sum(b.targets for b in batches)
+        # The same all-reduce (on the host) carries every rank's vote to stop, so all ranks stop at the same step.
         global_targets, stop_votes = distributed.sum_all([local_targets, stop.vote()])
         if stop_votes:
             break
@@ -162,13 +164,12 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         grad_norm, skip = None, False
         window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for batch in batches:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            inputs = batch.to(accelerator.device)
             clock.lap("data")
             with accelerator.accumulate(model):
-                loss_sum = faults.poisoned(token_loss(model, batch, cfg.label_smoothing),
-                                           "train.loss", step + 1)
+                loss_sum = faults.poisoned(token_loss(model, inputs, cfg.label_smoothing), "train.loss", step + 1)
                 accelerator.backward(loss_sum * scale)
-                window_loss += loss_sum.detach().double()
+                window_loss += loss_sum.detach()
                 clock.lap("forward_backward")
                 if accelerator.sync_gradients:
                     skip = guard.skips(window_loss)
@@ -183,7 +184,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         faults.point("train.step", step)
         guard.note(window_loss, step)
         if not skip:
-            window_log.add(window_loss, local_targets, batches)
+            window_log.add(window_loss, batches)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
             loss_total, targets, real_tokens, processed, flops = window_log.totals()
@@ -197,7 +198,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 "epoch": round(plan.epochs_done(step), 4),
                 "loss": loss_total / max(targets, 1),
                 "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "grad_norm": None if grad_norm is None else float(grad_norm),  # read from the device here
                 "tokens_per_second": real_tokens / seconds,
                 "processed_tokens_per_second": processed / seconds,
                 "padding_efficiency": real_tokens / max(processed, 1),
@@ -275,39 +276,6 @@ def stop_after_signal(accelerator, output_dir: Path, state: dict[str, Any], cfg:
     raise Stopped(f"stopped on {reason} at step {step}; {saved}")
 
 
-class TokenLoss:
-    """Cross-entropy summed over a batch's target tokens (the caller divides by the window's count).
-
-    `targets_only` (causal models whose forward takes a boolean mask in `logits_to_keep`): the output
-    head runs only at the positions that predict a target, not over the prompt. The loss is the same;
-    the head's FLOPs there are saved, and so is the memory of their logits (131 MB in fp32 for one
-    1,024-token row of a 32,000-token vocabulary).
-    """
-
-    def __init__(self, family: str, targets_only: bool = False):
-        self.family, self.targets_only = family, targets_only
-
-    def __call__(self, model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if self.family == "causal":
-            labels = labels[:, 1:]  # position t predicts token t + 1
-            if self.targets_only:
-                keep = labels != IGNORE_INDEX
-                inputs["logits_to_keep"] = F.pad(keep, (0, 1))  # logits come back flat: one row per target
-                labels = labels[keep]
-        logits = model(**inputs, use_cache=False).logits
-        if self.family == "causal" and not self.targets_only:
-            logits = logits[:, :-1]
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-            label_smoothing=label_smoothing,
-        )
-
-
 def validate(model, tokenizer, examples, features, collate, token_loss: TokenLoss, recipe: Recipe,
              accelerator) -> dict[str, float]:
     """Validation loss, and ROUGE on the first eval.validation_samples dialogues with the evaluation's generator."""
@@ -337,19 +305,20 @@ def validation_loss(model, features, collate, token_loss: TokenLoss, recipe: Rec
                      cfg.seed, shuffle=False)
     batches = plan.micro_batches(0)[: cfg.eval_max_batches]
     model.eval()
-    loss = targets = 0.0
+    loss, targets = torch.zeros((), dtype=torch.float64, device=accelerator.device), 0
     for ids in batches:
-        batch = {k: v.to(accelerator.device) for k, v in collate([features[i] for i in ids]).items()}
-        loss += token_loss(model, batch).item()
-        targets += num_target_tokens(batch)
+        batch = collate.batch([features[i] for i in ids])
+        loss += token_loss(model, batch.to(accelerator.device))
+        targets += batch.targets
     model.train()
-    loss, targets = distributed.sum_all([loss, targets])
+    loss, targets = distributed.sum_all([loss.item(), targets])
     return loss / max(targets, 1)
 
 
-def clip_gradients(accelerator, model, max_norm: float | None) -> float | None:
-    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else float("inf"))
-    return None if norm is None else float(norm)
+def clip_gradients(accelerator, model, max_norm: float | None) -> torch.Tensor | float | None:
+    """Clip to `max_norm` (None: only measure) and give back the norm before clipping, left where it is
+    (on the device) until a logging step reads it. None where DeepSpeed clips and reports nothing."""
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else float("inf"))
 
 
 def build_optimizer(cfg: TrainConfig, model, device: torch.device) -> torch.optim.Optimizer:
@@ -477,10 +446,10 @@ class LogWindow:
     micro-batch); a checkpoint carries the window's totals, so a resumed run logs what an
     uninterrupted one would."""
 
-    def __init__(self, device: torch.device, family: str, flop_counter: FlopCounter,
+    def __init__(self, device: torch.device, flop_counter: FlopCounter,
                  saved: list[float] | None = None):
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.family, self.flop_counter = family, flop_counter
+        self.flop_counter = flop_counter
         self.reset()
         if saved and distributed.is_main():  # the saved totals are over all ranks: count them once
             self.loss += saved[0]
@@ -488,11 +457,11 @@ class LogWindow:
             self.processed = int(saved[3]) if len(saved) > 3 else 0
             self.flops = saved[4] if len(saved) > 4 else 0.0
 
-    def add(self, window_loss: torch.Tensor, targets: int, batches: list[dict[str, torch.Tensor]]) -> None:
+    def add(self, window_loss: torch.Tensor, batches: list[MicroBatch]) -> None:
         self.loss += window_loss
-        self.targets += targets
-        self.real_tokens += sum(num_real_tokens(b, self.family) for b in batches)
-        self.processed += sum(num_processed_tokens(b, self.family) for b in batches)
+        self.targets += sum(b.targets for b in batches)
+        self.real_tokens += sum(b.real_tokens for b in batches)
+        self.processed += sum(b.processed_tokens for b in batches)
         self.flops += sum(self.flop_counter.batch(b) for b in batches)
 
     def totals(self) -> list[float]:
