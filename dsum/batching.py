@@ -9,8 +9,9 @@ two ranks with B each see together. An optimizer step is a window of up to
 
 A micro-batch holds `per_device_batch_size` examples per rank, or, with a token budget
 (train.max_tokens_per_batch), as many as keep every rank's tokens within it. Tokens count padding:
-rows x the longest example, or, packed end to end (train.packing), the sum of the lengths. An
-example longer than the budget trains alone.
+rows x the longest example, or, packed end to end (train.packing), the sum of the lengths, each
+rounded up to the multiple the rows are padded to (train.pad_to_multiple_of). An example longer
+than the budget trains alone.
 
 With train.group_by_length, the shuffled order is cut into mega-batches of `MEGA_BATCH` optimizer
 steps (by examples, or by tokens under a budget); each is sorted by length, cut into steps, and
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsum.config import TrainConfig
+from dsum.features import round_up
 
 MEGA_BATCH = 50  # optimizer steps per length-sorted group
 
@@ -45,6 +47,7 @@ class BatchPlan:
     group_by_length: bool = False
     max_tokens: int | None = None  # token budget of one rank's micro-batch, padding included
     packed: bool = False  # a micro-batch's tokens are the sum of its lengths, not rows x the longest
+    multiple: int = 1  # lengths are padded up to a multiple of this
     _steps: dict[int, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -161,7 +164,8 @@ class BatchPlan:
     def tokens(self, batch: list[int]) -> int:
         """The largest rank's tokens, padding included, in a global micro-batch."""
         ranks = [[self.lengths[i] for i in batch[r :: self.world_size]] for r in range(self.world_size)]
-        return max(sum(rows) if self.packed else len(rows) * max(rows) for rows in ranks if rows)
+        return max(round_up(sum(rows), self.multiple) if self.packed else len(rows) * round_up(max(rows), self.multiple)
+                   for rows in ranks if rows)
 
     def token_mega_batches(self, order: list[int]) -> list[list[int]]:
         """The order cut into runs of about MEGA_BATCH steps' tokens, each a multiple of world_size long."""
@@ -182,7 +186,7 @@ def training_plan(cfg: TrainConfig, lengths: list[int], world_size: int, rank: i
     """The plan a recipe's train section asks for, over examples of these token lengths."""
     return BatchPlan(len(lengths), cfg.per_device_batch_size, cfg.gradient_accumulation_steps, world_size, rank,
                      cfg.seed, lengths=tuple(lengths), group_by_length=cfg.group_by_length,
-                     max_tokens=cfg.max_tokens_per_batch, packed=cfg.packing)
+                     max_tokens=cfg.max_tokens_per_batch, packed=cfg.packing, multiple=cfg.padding_multiple)
 
 
 def shuffled_keeping_last(items: list, whole: int, generator: torch.Generator) -> list[int]:

@@ -156,6 +156,11 @@ class TrainConfig(Section):
     packing: bool = Field(False, description="causal models: put a micro-batch's examples end to end in one row, "
                                              "with position_ids restarting at each, so there is no padding and "
                                              "attention never crosses examples")
+    compile: bool = Field(False, description="torch.compile each of the model's repeated blocks (its layers) in place; "
+                                             "the first steps wait for compilation")
+    pad_to_multiple_of: int | None = Field(
+        None, gt=0, description="pad each micro-batch's rows (or its packed row) to a multiple of this many tokens; "
+                                "None: 64 with train.compile, else to the longest row alone")
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -176,6 +181,14 @@ class TrainConfig(Section):
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers; one that is not installed is skipped"
     )
+
+
+    @property
+    def padding_multiple(self) -> int:
+        """The multiple micro-batches are padded to: pad_to_multiple_of, or its default."""
+        if self.pad_to_multiple_of is not None:
+            return self.pad_to_multiple_of
+        return 64 if self.compile else 1
 
 
 class EvalConfig(Section):
@@ -393,6 +406,9 @@ def check_deepspeed(recipe: Recipe, zero_stage: int) -> None:
     if recipe.train.on_nonfinite_loss == "skip":
         raise RecipeError("train.on_nonfinite_loss is skip, but DeepSpeed applies the update inside backward, "
                           "before a step can be skipped; use stop under DeepSpeed")
+    if recipe.train.compile and zero_stage == 3:
+        raise RecipeError("train.compile: not under ZeRO-3, as torch.compile does not reliably trace the hooks that "
+                          "gather its sharded weights; set train.compile: false")
     storage = recipe.quantization.storage_dtype
     if zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
         raise RecipeError(

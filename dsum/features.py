@@ -157,8 +157,8 @@ class MicroBatch:
 
 @dataclass
 class Collator:
-    """Pads a list of features to the longest row in it, or packs them into one row; seq2seq batches
-    get decoder inputs too.
+    """Pads a list of features to the longest row in it, or packs them into one row, rounded up to a
+    multiple of `multiple` tokens; seq2seq batches get decoder inputs too.
 
     `targets_only` (causal models whose head can run at chosen positions, see `dsum.loss.TokenLoss`):
     the batch also holds, per row, the positions whose next token is a target (`target_positions`) and
@@ -170,22 +170,26 @@ class Collator:
     decoder_start_token_id: int | None = None  # set for seq2seq models
     packed: bool = False
     targets_only: bool = False
+    multiple: int = 1  # rows (or the packed row) padded to a multiple of this many tokens
 
     def __call__(self, features: Sequence[Feature]) -> dict[str, torch.Tensor]:
         if self.packed:
-            batch = {
-                "input_ids": torch.tensor([[t for f in features for t in f.input_ids]]),
-                "labels": torch.tensor([[t for f in features for t in f.labels]]),
-                "position_ids": torch.tensor([[i for f in features for i in range(len(f.input_ids))]]),
-            }
             rows = [[t for f in features for t in f.labels]]
-        else:
+            # The padding at the end of the row is one more example of its own, which attends to nothing real.
+            tail = round_up(len(rows[0]), self.multiple) - len(rows[0])
             batch = {
-                "input_ids": pad([f.input_ids for f in features], self.pad_token_id),
-                "attention_mask": pad([[1] * len(f.input_ids) for f in features], 0),
-                "labels": pad([f.labels for f in features], IGNORE_INDEX),
+                "input_ids": torch.tensor([[t for f in features for t in f.input_ids] + [self.pad_token_id] * tail]),
+                "labels": torch.tensor([rows[0] + [IGNORE_INDEX] * tail]),
+                "position_ids": torch.tensor([[i for f in features for i in range(len(f.input_ids))]
+                                              + list(range(tail))]),
             }
+        else:
             rows = [f.labels for f in features]
+            batch = {
+                "input_ids": pad([f.input_ids for f in features], self.pad_token_id, multiple=self.multiple),
+                "attention_mask": pad([[1] * len(f.input_ids) for f in features], 0, multiple=self.multiple),
+                "labels": pad(rows, IGNORE_INDEX, multiple=self.multiple),
+            }
         if self.decoder_start_token_id is not None:
             batch["decoder_input_ids"] = shift_right(batch["labels"], self.decoder_start_token_id, self.pad_token_id)
         elif self.targets_only:
@@ -203,11 +207,11 @@ class Collator:
         # A causal row's first token predicts nothing: position t predicts token t + 1.
         target_lengths = [sum(t != IGNORE_INDEX for t in (f.labels if seq2seq else f.labels[1:])) for f in features]
         if self.packed:
-            processed = sum(lengths)
+            processed = round_up(sum(lengths), self.multiple)
         else:
-            processed = len(features) * max(lengths)
+            processed = len(features) * round_up(max(lengths), self.multiple)
             if seq2seq:
-                processed += len(features) * max(len(f.labels) for f in features)
+                processed += len(features) * round_up(max(len(f.labels) for f in features), self.multiple)
         return MicroBatch(self(features), targets=sum(target_lengths),
                           real_tokens=sum(lengths) + (sum(target_lengths) if seq2seq else 0),
                           processed_tokens=processed, lengths=lengths, target_lengths=target_lengths)
@@ -218,8 +222,9 @@ def feature_tokens(feature: Feature, family: str) -> int:
     return len(feature.input_ids) + (len(feature.labels) if family == "seq2seq" else 0)
 
 
-def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False, multiple: int = 1) -> torch.Tensor:
+    """The rows as one tensor, padded with `value` to the longest row, rounded up to `multiple`."""
+    width = round_up(max(len(r) for r in rows), multiple)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -228,6 +233,10 @@ def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
             else:
                 out[i, : len(row)] = torch.tensor(row)
     return out
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) -> torch.Tensor:

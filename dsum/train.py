@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 
 from dsum import checkpoint, distributed, faults
 from dsum.batching import BatchPlan, training_plan
+from dsum.compiling import CompiledBlocks
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed
 from dsum.cpu_dropout import FastCpuDropout
 from dsum.data import Example, load_split
@@ -99,14 +100,19 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     model = load_model(recipe, source)
     token_loss = TokenLoss(recipe.model.family, targets_only=logits_for_targets_only(model))
     collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None,
-                       packed=cfg.packing, targets_only=token_loss.targets_only)
-    fast_dropout = FastCpuDropout(model) if cfg.fast_cpu_dropout and accelerator.device.type == "cpu" else None
+                       packed=cfg.packing, targets_only=token_loss.targets_only, multiple=cfg.padding_multiple)
+    compiled = compile_blocks(model) if cfg.compile else None
+    # Compiled code draws its own dropout masks, as fast as dsum's CPU ones.
+    fast_dropout = (FastCpuDropout(model) if cfg.fast_cpu_dropout and accelerator.device.type == "cpu"
+                    and compiled is None else None)
     if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
         check_generation(recipe.eval, model, synced_gpus=distributed.zero3(accelerator))
     if distributed.is_main():
         print(describe_parameters(model), flush=True)
         if fast_dropout is not None and fast_dropout.active:
             print(fast_dropout.describe(), flush=True)
+        if compiled is not None:
+            print(compiled.describe(), flush=True)
     plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in train_features], world_size, rank)
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     optimizer = build_optimizer(cfg, model, accelerator.device)
@@ -205,6 +211,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 **model_flops(flops, seconds, peak_flops, world_size),
                 "elapsed_seconds": now - started,
                 **clock.read(),
+                **({"compiled_graphs": compiled.graphs} if compiled is not None else {}),
             }
             if guard.skipped:
                 record["skipped_steps"] = guard.skipped
@@ -221,8 +228,9 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         if validating or saving:
             aside_from = time.perf_counter()
             if validating:
-                record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe,
-                                  accelerator)
+                with eager(compiled):
+                    record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe,
+                                      accelerator)
                 metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
                 trackers.log(record, step)
             if saving:
@@ -242,6 +250,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                           stop.received)
 
     # ---- save ------------------------------------------------------------------------------
+    closing.enter_context(eager(compiled))  # validation and generation from here on
     record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
     metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
     trackers.log(record, step)
@@ -253,7 +262,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                  accelerator=accelerator, model_source=str(final.resolve()))
     run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
                skipped_steps=guard.skipped,
-               telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size))
+               telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size)
+               | ({"compiled_graphs": compiled.graphs} if compiled is not None else {}))
     trackers.finish()
     accelerator.end_training()
     return final
@@ -399,6 +409,18 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
     ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
 
 
+def compile_blocks(model) -> CompiledBlocks:
+    try:
+        return CompiledBlocks(model)
+    except ValueError as err:
+        raise RecipeError(f"train.compile: {err}; set train.compile: false") from None
+
+
+def eager(compiled: CompiledBlocks | None):
+    """The model's blocks uncompiled inside the block (validation, generation), if they were compiled."""
+    return compiled.eager() if compiled is not None else nullcontext()
+
+
 @contextmanager
 def zero3_init_disabled(accelerator):
     """Build a random base whole, not partitioned, so that rank 0 alone can save it for all to load."""
@@ -514,6 +536,8 @@ def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = Non
     """What a checkpoint records besides the weights: the step, the batch layout it needs, the log window."""
     # The settings that shape the layout come first, so a mismatch names the one that moved.
     budget = {"max_tokens_per_batch": plan.max_tokens} if plan.max_tokens is not None else {}  # older checkpoints: none
+    if plan.max_tokens is not None and plan.multiple != 1:  # rounded lengths cut the budget's batches elsewhere
+        budget["pad_to_multiple_of"] = plan.multiple
     layout = {
         "global_step": step,
         **budget,
