@@ -2,6 +2,7 @@
 
     dsum bench --json bench.json --data PATH_TO_DIALOGSUM
     dsum bench --device cuda --json bench-gpu.json --data PATH_TO_DIALOGSUM
+    dsum bench --device cuda --record --profile profiles --data PATH_TO_DIALOGSUM
 
 On each model (the same random-init weights), the same DialogSum data and the same machine, in one
 process, three ways train and then generate summaries:
@@ -21,7 +22,8 @@ target tokens), train the same model with AdamW at the same learning rate and pr
 generate the same number of tokens with the same settings. Training speed is real (non-padding)
 tokens per second over the same number of optimizer steps after a warm-up; evaluation speed is test
 dialogues per second. Both are timed in rounds that take the three ways in turn. BENCHMARKS.md explains
-each choice.
+each choice. `--profile DIR` profiles a few timed steps of each way's first round (dsum.profiling);
+`--record` writes the JSON under benchmarks/results/, named by date, device, kind and commit.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 from dsum.config import DataConfig, Recipe, RecipeError, apply_override, validate_recipe
 from dsum.distributed import tell_deepspeed_the_device
+from dsum.profiling import Schedule, StepProfiler, brief
+from dsum.run_info import source_checkout
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WAYS = ("notebook", "no_trainer", "dsum")
+RESULTS = Path("benchmarks") / "results"  # where --record writes, from the current directory (a dsum checkout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +187,8 @@ class BenchOptions:
     workdir: Path | None = None  # None: a temporary directory, removed afterwards
     goals: bool = False  # dsum alone on the workloads with absolute goals (dsum.bench_goals), not the three ways
     dsum: tuple[str, ...] = ()  # KEY=VALUE settings of dsum's own way (DSUM_OPTIONS)
+    profile: Path | None = None  # torch.profiler's tables of a few steps of each training run go here
+    record: bool = False  # write the JSON under RESULTS, named by date, device, kind and commit
 
     def sizes(self) -> Sizes:
         sizes = SIZES[self.device]
@@ -206,15 +213,52 @@ class BenchOptions:
     def command(self) -> str:
         """The command line that reruns this bench."""
         words = ["dsum", "bench", *(["--goals"] if self.goals else []), "--device", self.device]
-        for flag, value in (("--data", self.data), ("--json", self.json_path),
+        for flag, value in (("--data", self.data), ("--json", self.json_path), ("--record", self.record or None),
                             ("--models", ",".join(self.models) if self.models else None),
                             ("--train-steps", self.train_steps), ("--eval-dialogues", self.eval_dialogues),
-                            ("--notebook-rows", self.notebook_rows), ("--workdir", self.workdir)):
-            if value is not None:
+                            ("--notebook-rows", self.notebook_rows), ("--workdir", self.workdir),
+                            ("--profile", self.profile)):
+            if value is True:
+                words.append(flag)
+            elif value is not None:
                 words += [flag, str(value)]
         for item in self.dsum:
             words += ["--dsum", item]
         return " ".join(words)
+
+    def check_outputs(self) -> None:
+        """What the run will write, refused before anything runs: --profile names a directory (made if
+        missing), and --record picks the file that --json would name."""
+        if self.profile is not None:
+            check_directory("--profile", self.profile, "the profile files")
+        if self.record:
+            if self.json_path is not None:
+                raise RecipeError(f"--record: it names the results file itself, under {RESULTS}/; give --record or "
+                                  "--json, not both")
+            check_directory("--record", RESULTS, "the recorded results")
+
+    def results_path(self, results: dict[str, Any]) -> Path | None:
+        """--json's file; with --record, RESULTS/<UTC date and time>-<device>-<bench|goals>-<commit>.json."""
+        if not self.record:
+            return self.json_path
+        return RESULTS / record_name(results["date"], self.device, "goals" if self.goals else "bench",
+                                     results["commit"], results["dirty"])
+
+
+def record_name(date: str, device: str, kind: str, commit: str | None, dirty: bool | None) -> str:
+    """`2026-12-04T140512Z-cuda-bench-2ea07b4.json` for results dated 2026-12-04T14:05:12+00:00 (UTC), at
+    commit 2ea07b4; `-dirty` after a commit whose tracked files were changed, `nogit` outside a checkout."""
+    moment = datetime.fromisoformat(date).astimezone(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    source = "nogit" if commit is None else commit[:7] + ("-dirty" if dirty else "")
+    return f"{moment}-{device}-{kind}-{source}.json"
+
+
+def check_directory(flag: str, path: Path, what: str) -> None:
+    """`path` is a directory, or can be made one: the nearest of it and its parents that exists is one."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "it is a file" if existing == path else f"{existing} is a file"
+        raise RecipeError(f"{flag} {path}: {where}; expected a directory for {what} (made if missing)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +268,7 @@ class BenchOptions:
 def run_bench(options: BenchOptions) -> dict[str, Any]:
     """Bench every chosen model; print one line per phase and the table; write the JSON if asked."""
     started = time.perf_counter()
+    options.check_outputs()
     check_device(options.device)
     tell_deepspeed_the_device()  # before a way imports it
     sizes = options.sizes()
@@ -241,10 +286,11 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                  f"mean dialogue {data.mean_dialogue_tokens:.0f} tokens, summary {data.mean_summary_tokens:.0f}")
         models = {}
         for spec in specs:
-            models[spec.name] = bench_model(spec, sizes, data, options.device, workdir / spec.name, settings)
+            models[spec.name] = bench_model(spec, sizes, data, options.device, workdir / spec.name, settings,
+                                            options.profile)
             free_memory()  # the model's weights go before the next model's arrive
     results = summarize(models, sizes, data, options, load_before, time.perf_counter() - started)
-    report(format_table(results), results, options.json_path)
+    report(format_table(results), results, options.results_path(results))
     return results
 
 
@@ -494,8 +540,9 @@ def save_base(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, out: 
 
 
 def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, workdir: Path,
-                settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The three ways on one model; `settings` are `--dsum`'s, over dsum's speed settings."""
+                settings: dict[str, dict[str, Any]], profile_dir: Path | None = None) -> dict[str, Any]:
+    """The three ways on one model; `settings` are `--dsum`'s, over dsum's speed settings; with
+    `profile_dir`, each way's first training round is profiled (`WayProfilers`)."""
     from transformers import AutoTokenizer
 
     from dsum.features import Featurizer
@@ -512,12 +559,15 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
     dsum = {"train": {**speed, **settings["train"]}, "eval": settings["eval"]}
     dsum_recipe = bench_recipe(spec, sizes, **paths, dsum=dsum)
 
-    trainers = {  # each takes its round's sizes: the steps it times and its seed
-        "notebook": lambda part: train_notebook(recipe, base, tokenizer, features, part, device, workdir),
-        "no_trainer": lambda part: train_no_trainer(recipe, base, tokenizer, features, part, device),
-        "dsum": lambda part: train_dsum(bench_recipe(spec, part, **paths, dsum=dsum), part),
-    }
     parts = train_rounds(sizes)
+    profiled = WayProfilers(profile_dir, spec.name, device, parts)
+    trainers = {  # each takes its round's sizes: the steps it times and its seed
+        "notebook": lambda part: train_notebook(recipe, base, tokenizer, features, part, device, workdir,
+                                                profiled("notebook", part)),
+        "no_trainer": lambda part: train_no_trainer(recipe, base, tokenizer, features, part, device,
+                                                    profiled("no_trainer", part)),
+        "dsum": lambda part: train_dsum(bench_recipe(spec, part, **paths, dsum=dsum), part, profiled("dsum", part)),
+    }
     trained = in_rounds(f"{spec.name}: train", trainers, parts, [part.seed for part in parts], device,
                         TrainSpeed.combined)
     with phase(f"{spec.name}: model for generation"):
@@ -545,7 +595,27 @@ def bench_model(spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, wor
         "dsum_eval_settings": dsum_own_settings(dsum_recipe, "eval"),
         "train": {way: result.as_dict() for way, result in trained.items()},
         "eval": {way: result.as_dict() for way, result in evaluated.items()},
+        "profile": profiled.briefs() if profile_dir is not None else None,
     }
+
+
+class WayProfilers:
+    """Each way's StepProfiler: its first training round's, over a few of its timed steps (the later
+    rounds run unprofiled: a profile of one round says where the time goes, and the others time the
+    way without the profiler's cost)."""
+
+    def __init__(self, directory: Path | None, model: str, device: str, parts: Sequence[Sizes]):
+        first = parts[0]
+        schedule = Schedule.after(first.warmup_steps, first.warmup_steps + first.train_steps)
+        self.first = first
+        self.by_way = {way: StepProfiler(directory, f"{model}-{way}", device, schedule) for way in WAYS}
+
+    def __call__(self, way: str, part: Sizes) -> StepProfiler:
+        return self.by_way[way] if part == self.first else StepProfiler.off()
+
+    def briefs(self) -> dict[str, Any]:
+        """What the results JSON keeps of each way's profile (the files hold the rest)."""
+        return {way: brief(p.record) if p.record else None for way, p in self.by_way.items()}
 
 
 def in_rounds(label: str, ways: dict[str, Callable[[Any], Any]], parts: Sequence, seeds: Sequence[int], device: str,
@@ -770,7 +840,7 @@ def stack(rows: list[dict]) -> dict:
 
 
 def train_notebook(recipe: Recipe, base: Path, tokenizer, features: Sequence, sizes: Sizes, device: str,
-                   workdir: Path) -> TrainSpeed:
+                   workdir: Path, profile: StepProfiler | None = None) -> TrainSpeed:
     """(a) The course notebook: Trainer, max_length padding, random order."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -781,11 +851,13 @@ def train_notebook(recipe: Recipe, base: Path, tokenizer, features: Sequence, si
     dataset = notebook_dataset(features, family, tokenizer.pad_token_id, sizes)
     collator = CountingCollator(stack, family)
     step_ends: list[float] = []
+    profile = profile or StepProfiler.off()
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             synchronize(device)
             step_ends.append(time.perf_counter())
+            profile.step()
 
     args = TrainingArguments(
         output_dir=str(workdir / "notebook"), per_device_train_batch_size=cfg.per_device_batch_size,
@@ -799,7 +871,8 @@ def train_notebook(recipe: Recipe, base: Path, tokenizer, features: Sequence, si
                       callbacks=[StepClock()])
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
-    trainer.train()
+    with profile:
+        trainer.train()
     seconds, real, processed, rows = timed_window(step_ends, collator.counts, sizes, cfg.gradient_accumulation_steps)
     dataset_real = sum(token_counts(row, family)[0] for row in dataset)
     del trainer
@@ -810,7 +883,7 @@ def train_notebook(recipe: Recipe, base: Path, tokenizer, features: Sequence, si
 
 
 def train_no_trainer(recipe: Recipe, base: Path, tokenizer, features: Sequence, sizes: Sizes,
-                     device: str) -> TrainSpeed:
+                     device: str, profile: StepProfiler | None = None) -> TrainSpeed:
     """(b) run_summarization_no_trainer: an Accelerate loop over dynamically padded, shuffled batches,
     AdamW, the model's mean loss, no gradient clipping (the script has none)."""
     import torch
@@ -841,19 +914,21 @@ def train_no_trainer(recipe: Recipe, base: Path, tokenizer, features: Sequence, 
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
     step_ends: list[float] = []
-    while len(step_ends) < total:
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                synchronize(device)
-                step_ends.append(time.perf_counter())
-                if len(step_ends) == total:
-                    break
+    with profile or StepProfiler.off() as profile:
+        while len(step_ends) < total:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    synchronize(device)
+                    step_ends.append(time.perf_counter())
+                    profile.step()
+                    if len(step_ends) == total:
+                        break
     seconds, real, processed, n = timed_window(step_ends, collator.counts, sizes, cfg.gradient_accumulation_steps)
     accelerator.free_memory()
     return TrainSpeed(sizes.train_steps, seconds, real, processed, len(rows), feature_real_tokens(features, family), n,
@@ -861,11 +936,11 @@ def train_no_trainer(recipe: Recipe, base: Path, tokenizer, features: Sequence, 
                        "max_grad_norm": None})
 
 
-def train_dsum(recipe: Recipe, sizes: Sizes) -> TrainSpeed:
+def train_dsum(recipe: Recipe, sizes: Sizes, profile: StepProfiler | None = None) -> TrainSpeed:
     """(c) dsum's own loop, through `dsum.train.train`, timed by its own telemetry."""
     from dsum.train import train
 
-    train(recipe, overwrite=True)
+    train(recipe, overwrite=True, profile=profile)
     output_dir = Path(recipe.output_dir)
     seconds, real, processed = read_dsum_window(output_dir / "metrics.jsonl", sizes)
     run = json.loads((output_dir / "run.json").read_text())
@@ -1138,8 +1213,14 @@ def summarize(models: dict[str, dict], sizes: Sizes, data: BenchData, options: B
         "machine": machine(options.device, load_before),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": options.command(),
+        **source_checkout(),  # commit, dirty
+        "profile_dir": profile_directory(options),
         "wall_seconds": wall_seconds,
     }
+
+
+def profile_directory(options: BenchOptions) -> str | None:
+    return None if options.profile is None else str(options.profile.resolve())
 
 
 def machine(device: str, load_before: tuple[float, float, float]) -> dict[str, Any]:
@@ -1210,8 +1291,19 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"warning: this process got as little as {min(shares):.2f} of its {results['machine']['torch_threads']} "
                      "threads' time: other work on the machine slowed some ways more than others, so the ratios are "
                      "not reliable; rerun on a quiet machine (on a shared one, OMP_NUM_THREADS=1 is steadier)")
+    lines += provenance(results)
     lines.append(f"total wall time: {results['wall_seconds']:.0f}s")
     return "\n".join(lines)
+
+
+def provenance(results: dict[str, Any]) -> list[str]:
+    """The lines that say which code ran and where its profiles went."""
+    commit = results.get("commit")
+    lines = [f"dsum commit: {commit[:12] if commit else 'unknown (not a git checkout)'}"
+             f"{' with changes to tracked files' if results.get('dirty') else ''}"]
+    if results.get("profile_dir"):
+        lines.append(f"profiles: {results['profile_dir']} (summary.json holds every run)")
+    return lines
 
 
 def row(label: str, values: list[float], form: str, ratios: list[float] | None = None) -> str:

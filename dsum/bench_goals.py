@@ -28,10 +28,12 @@ from typing import Any
 
 from dsum.bench import (BenchData, BenchOptions, ModelSpec, Sizes, check_device, check_dsum_settings, data_directory,
                         dsum_generation_settings, dsum_speed_settings, eval_dsum, eval_model, free_memory, fresh_state,
-                        machine, phase, recipe_settings, report, save_base, base_name, select_models, window_totals,
-                        workspace)
+                        machine, phase, profile_directory, provenance, recipe_settings, report, save_base, base_name,
+                        select_models, window_totals, workspace)
 from dsum.config import Recipe, RecipeError, validate_recipe
 from dsum.distributed import tell_deepspeed_the_device
+from dsum.profiling import Schedule, StepProfiler, brief
+from dsum.run_info import source_checkout
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
     started = time.perf_counter()
     if options.notebook_rows is not None:
         raise RecipeError("--notebook-rows: --goals times dsum alone, with no notebook way; leave it out")
+    options.check_outputs()
     check_device(options.device)
     tell_deepspeed_the_device()  # before the training imports it
     sizes = options.sizes()
@@ -82,7 +85,8 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
             note(f"{len(data.train)} training dialogues, {len(data.test)} test dialogues")
         results = {}
         for workload in workloads:
-            results[workload.model] = run_workload(workload, sizes, data, options.device, workdir, settings)
+            results[workload.model] = run_workload(workload, sizes, data, options.device, workdir, settings,
+                                                   options.profile)
             free_memory()
     summary = {
         "goals_met": overall([goal["met"] for r in results.values() for goal in r["goals"].values()]),
@@ -94,9 +98,11 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
         "machine": machine(options.device, load_before),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": options.command(),
+        **source_checkout(),  # commit, dirty
+        "profile_dir": profile_directory(options),
         "wall_seconds": time.perf_counter() - started,
     }
-    report(format_goals(summary), summary, options.json_path)
+    report(format_goals(summary), summary, options.results_path(summary))
     return summary
 
 
@@ -110,7 +116,9 @@ def select_workloads(device: str, names: tuple[str, ...] | None) -> list[Workloa
 
 
 def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str, workdir: Path,
-                 settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                 settings: dict[str, dict[str, Any]], profile_dir: Path | None = None) -> dict[str, Any]:
+    """Train (and generate) one workload; with `profile_dir`, a few steps of its training are profiled:
+    those right after the bench's warm-up steps, early in an epoch."""
     from dsum.train import train
 
     [spec] = select_models(device, [workload.model])
@@ -119,9 +127,11 @@ def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str,
         note(f"{parameters:,} parameters")
     recipe = workload_recipe(spec, workload, sizes, data, base, workdir / spec.name, settings)
     what = "one epoch" if workload.epoch else f"{sizes.train_steps} steps after {sizes.warmup_steps} of warm-up"
+    profile = StepProfiler(profile_dir, f"{spec.name}-goals", device, Schedule.after(
+        sizes.warmup_steps, None if workload.epoch else sizes.warmup_steps + sizes.train_steps))
     with phase(f"{spec.name}: train, {what}") as note:
         fresh_state(sizes.seed)
-        train(recipe, overwrite=True)
+        train(recipe, overwrite=True, profile=profile)
         figures = training_figures(workload, recipe, sizes)
         note(f"{figures['real_tokens_per_second']:,.0f} real tokens/s over {figures['train_seconds']:.1f}s")
     free_memory()
@@ -150,6 +160,7 @@ def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str,
                      "eval_dtype": sizes.eval_dtype},
         "figures": figures,
         "goals": {name: judge(figures.get(name), goal) for name, goal in workload.goals.items()},
+        "profile": brief(profile.record) if profile.record else None,
     }
 
 
@@ -267,6 +278,7 @@ def format_goals(summary: dict[str, Any]) -> str:
         r["goals"] for r in summary["workloads"].values()) else {True: "all met", False: "some missed",
                                                                  None: "not all measured"}[met]))
     gpu = summary["machine"].get("gpu")
+    lines += provenance(summary)
     lines.append(f"machine: {gpu or summary['machine']['cpu']}, torch {summary['machine']['torch']}; "
                  f"total wall time: {summary['wall_seconds']:.0f}s")
     return "\n".join(lines)

@@ -7,7 +7,7 @@
     dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
     dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
     dsum demo [--output-dir DIR]
-    dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE] [--models A,B] [--dsum KEY=VALUE] ...
+    dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE | --record] [--models A,B] [--profile DIR] ...
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2;
 a run that cannot go on (a non-finite loss, a failed save) prints one line and exits 1.
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(sub) -> None:
-    from dsum.bench import CPU_MODELS, CPU_SIZES, CUDA_MODELS, CUDA_SIZES, DSUM_OPTIONS
+    from dsum.bench import CPU_MODELS, CPU_SIZES, CUDA_MODELS, CUDA_SIZES, DSUM_OPTIONS, RESULTS
 
     def per_device(name: str) -> str:
         return f"cpu {getattr(CPU_SIZES, name)}, cuda {getattr(CUDA_SIZES, name)}"
@@ -179,6 +179,15 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--dsum", action="append", default=[], metavar="KEY=VALUE",
                        help="a setting of dsum's own way instead of its default, to measure what it changes "
                             f"(repeatable); KEY one of {', '.join(DSUM_OPTIONS)}")
+    bench.add_argument("--profile", type=Path, metavar="DIR",
+                       help="run torch.profiler over a few timed steps of each way's first training round (with "
+                            "--goals, of each workload) and write per run NAME.txt and NAME.json (top operators by "
+                            "self CPU and device time, the share of the steps the GPU was busy, host syncs, copies "
+                            "and launches, kernels a step, step time), and summary.json with every run, into DIR")
+    bench.add_argument("--record", action="store_true",
+                       help=f"write the JSON results to {RESULTS}/<UTC date>-<device>-<bench|goals>-<commit>.json "
+                            "under the current directory (instead of --json), to keep them with the code that made "
+                            "them")
     bench.set_defaults(run=run_bench)
 
 
@@ -265,7 +274,7 @@ def run_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(device=args.device, data=args.data, json_path=args.json, models=models,
                            train_steps=args.train_steps, eval_dialogues=args.eval_dialogues,
                            notebook_rows=args.notebook_rows, workdir=args.workdir, goals=args.goals,
-                           dsum=tuple(args.dsum))
+                           dsum=tuple(args.dsum), profile=args.profile, record=args.record)
     if options.goals:
         from dsum.bench_goals import run_goals
 

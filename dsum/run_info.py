@@ -231,3 +231,25 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def source_checkout() -> dict[str, Any]:
+    """The git commit dsum's own source was imported from, and whether tracked files differ from it:
+    {"commit": SHA, "dirty": bool}, both None where the package is not the `dsum/` of a git checkout
+    (an installed wheel, or no git). Untracked files do not count: results written into the checkout
+    would otherwise mark the next run dirty."""
+    package = Path(__file__).resolve().parent
+    unknown = {"commit": None, "dirty": None}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return unknown
+        top, commit = head.stdout.splitlines()
+        if Path(top).resolve() / "dsum" != package:  # a wheel installed inside some other repository
+            return unknown
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return unknown
+    return {"commit": commit, "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}

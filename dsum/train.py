@@ -31,23 +31,25 @@ from dsum.loss import TokenLoss
 from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, logits_for_targets_only,
                            materialize_base, model_config)
+from dsum.profiling import StepProfiler
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
 from dsum.telemetry import FlopCounter, StepClock, device_peak_flops, reset_gpu_peaks
 
 
 
 def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
-          run_tags: dict[str, Any] | None = None) -> Path:
-    """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json.
+          run_tags: dict[str, Any] | None = None, profile: StepProfiler | None = None) -> Path:
+    """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json;
+    `profile` (dsum.profiling) is told of the end of every optimizer step.
 
     SIGUSR1 or SIGTERM, from the start: save a checkpoint at the next step boundary and raise `Stopped`.
     """
-    with StopSignals() as stop, ExitStack() as closing:
-        return _train(recipe, resume, overwrite, run_tags or {}, stop, closing)
+    with StopSignals() as stop, ExitStack() as closing, profile or StepProfiler.off() as profile:
+        return _train(recipe, resume, overwrite, run_tags or {}, stop, closing, profile)
 
 
 def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[str, Any], stop: StopSignals,
-           closing: ExitStack) -> Path:
+           closing: ExitStack, profile: StepProfiler) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -240,6 +242,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             aside = time.perf_counter() - aside_from
             last_log += aside  # the next logged rates count training time alone
             set_aside += aside
+        profile.step()
     progress.close()
     loop_seconds = time.perf_counter() - started
     if fast_dropout is not None:

@@ -12,23 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DIALOGSUM, reset_accelerate_state
+from conftest import DIALOGSUM, ROOT, reset_accelerate_state
 from dsum import bench
 from dsum.cli import main
 from dsum.config import recipe_to_dict
 from dsum.features import Collator, Feature, num_processed_tokens, num_real_tokens
+from dsum.profiling import Schedule
 
 
 # Tiny: 200 training dialogues, batches of 2, 4 timed steps in 2 training rounds (each after 1 warm-up
 # step), 4 test dialogues. dsum's own way with two settings of `--dsum`: they must reach its training
-# and its generation, and nothing of the other ways.
+# and its generation, and nothing of the other ways. `--profile`: each way's first round is profiled
+# over its 2 timed steps (optimizer steps 2 and 3).
 TRAIN_STEPS, TRAIN_ROUNDS, EVAL_DIALOGUES, NOTEBOOK_ROWS, BATCH = 4, 2, 4, 2, 2
 DSUM_OPTIONS = ("train.fast_cpu_dropout=false", "eval.batch_size=3")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The bench on both CPU models with tiny sizes, through the command line; (results, stdout).
+    """The bench on both CPU models with tiny sizes, through the command line, profiled; (results, stdout,
+    profile directory).
 
     On one thread: where other work shares the 2 cores, two OpenMP threads stall on each other and
     the run takes minutes instead of well under one."""
@@ -50,18 +53,18 @@ def run(tmp_path_factory):
             status = main(["bench", "--data", str(DIALOGSUM), "--json", str(out / "bench.json"), "--models", "t5,llama",
                            "--train-steps", str(TRAIN_STEPS), "--eval-dialogues", str(EVAL_DIALOGUES),
                            "--notebook-rows", str(NOTEBOOK_ROWS), "--workdir", str(out / "work"),
-                           *(f"--dsum={option}" for option in DSUM_OPTIONS)])
+                           "--profile", str(out / "profiles"), *(f"--dsum={option}" for option in DSUM_OPTIONS)])
     finally:
         patch.undo()
         torch.set_num_threads(threads)
         reset_accelerate_state()
     assert status == 0, stdout.getvalue()[-2000:]
-    return json.loads((out / "bench.json").read_text()), stdout.getvalue()
+    return json.loads((out / "bench.json").read_text()), stdout.getvalue(), out / "profiles"
 
 
 
 def test_every_figure_is_there_and_finite(run):
-    results, stdout = run
+    results, stdout, _ = run
     for key in bench.GOALS:
         assert math.isfinite(results[key]) and results[key] > 0, key
     assert set(results["models"]) == {"t5", "llama"}
@@ -81,7 +84,7 @@ def test_every_figure_is_there_and_finite(run):
 
 
 def test_the_ratios_are_the_ratios_of_the_rates(run):
-    results, _ = run
+    results, _, _ = run
     for model in results["models"].values():
         train = {way: model["train"][way]["real_tokens_per_second"] for way in bench.WAYS}
         speed = {way: model["eval"][way]["dialogues_per_second"] for way in bench.WAYS}
@@ -98,7 +101,7 @@ def test_the_ratios_are_the_ratios_of_the_rates(run):
 
 
 def test_the_ways_train_on_the_same_data_for_the_same_steps(run):
-    results, _ = run
+    results, _, _ = run
     for name, model in results["models"].items():
         train = model["train"]
         assert {train[way]["dataset_examples"] for way in bench.WAYS} == {200}, name
@@ -110,7 +113,7 @@ def test_the_ways_train_on_the_same_data_for_the_same_steps(run):
 
 
 def test_padding_is_what_each_way_does(run):
-    results, _ = run
+    results, _, _ = run
     sizes = bench.CPU_SIZES
     for name, model in results["models"].items():
         notebook, no_trainer, dsum = (model["train"][way] for way in bench.WAYS)
@@ -125,7 +128,7 @@ def test_padding_is_what_each_way_does(run):
 
 
 def test_the_ways_generate_the_same_for_the_same_dialogues(run):
-    results, stdout = run
+    results, stdout, _ = run
     for name, model in results["models"].items():
         evaluation = model["eval"]
         assert {evaluation[way]["dialogues"] for way in bench.WAYS} == {EVAL_DIALOGUES}
@@ -154,7 +157,7 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
 def test_the_evaluation_is_timed_in_rounds_that_take_the_ways_in_turn(run):
     """The notebook's timed rows and no_trainer's batches are split between the rounds, dsum's pass is
     repeated in each; the printed phases alternate the ways round by round."""
-    results, stdout = run
+    results, stdout, _ = run
     rounds = 2  # Sizes.eval_rounds (3), capped by the 2 notebook rows and no_trainer's 2 batches of 8 rows
     for name, model in results["models"].items():
         evaluation = model["eval"]
@@ -169,7 +172,7 @@ def test_the_evaluation_is_timed_in_rounds_that_take_the_ways_in_turn(run):
 def test_the_training_is_timed_in_rounds_that_take_the_ways_in_turn(run):
     """The timed steps are split between the rounds, each way trains once a round, and the printed
     phases alternate the ways round by round."""
-    results, stdout = run
+    results, stdout, _ = run
     for name, model in results["models"].items():
         train = model["train"]
         assert {train[way]["rounds"] for way in bench.WAYS} == {TRAIN_ROUNDS}
@@ -179,6 +182,54 @@ def test_the_training_is_timed_in_rounds_that_take_the_ways_in_turn(run):
         where = [stdout.index(line) for line in phases]
         assert where == sorted(where), stdout
         assert f"bench: {name}: train dsum, {TRAIN_ROUNDS} rounds: " in stdout
+
+
+def test_each_way_is_profiled_over_timed_steps_of_its_first_round(run):
+    """One profile per way and model (the first round's), over the steps after the warm-up; top operators
+    by self CPU time that are aten ops; no device figures on the CPU; summary.json holds every run."""
+    results, stdout, profiles = run
+    runs = {f"{model}-{way}" for model in ("t5", "llama") for way in bench.WAYS}
+    assert {p.name for p in profiles.iterdir()} == {f"{name}.{ext}" for name in runs for ext in ("txt", "json")} | {
+        "summary.json"}
+    summary = json.loads((profiles / "summary.json").read_text())["runs"]
+    assert set(summary) == runs
+    schedule = Schedule.after(1, 1 + TRAIN_STEPS // TRAIN_ROUNDS)
+    for name in runs:
+        record = json.loads((profiles / f"{name}.json").read_text())
+        assert record == summary[name]
+        assert record["schedule"]["active"] == schedule.active == record["profiled_steps"] == 2, name
+        assert record["optimizer_steps"] == [2, 3], name  # after the warm-up step, inside the round's 3 steps
+        ops = [row["name"] for row in record["top_by_self_cpu"]]
+        assert len(ops) == 25 and sum(op.startswith("aten::") for op in ops[:10]) >= 5, (name, ops)
+        assert {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear"} & set(ops[:10]), (name, ops)
+        assert record["device_busy_share"] is None and record["top_by_self_device"] is None
+        text = (profiles / f"{name}.txt").read_text()
+        assert "top 25 operators by self CPU time:" in text and ops[0][:60] in text
+        assert "not available: a CPU run has no device time" in text
+        assert f"profile {name}: 2 steps of " in stdout
+    assert results["profile_dir"] == str(profiles.resolve())
+    for model in ("t5", "llama"):
+        assert set(results["models"][model]["profile"]) == set(bench.WAYS)
+        for way in bench.WAYS:
+            kept = results["models"][model]["profile"][way]
+            assert kept["profiled_steps"] == 2 and kept["top"] == [
+                {"name": row["name"], "self_cpu_us": row["self_cpu_us"]}
+                for row in summary[f"{model}-{way}"]["top_by_self_cpu"][:5]]
+    assert f"profiles: {profiles.resolve()} (summary.json holds every run)" in stdout
+
+
+def test_the_results_name_the_commit_of_the_checkout(run):
+    import subprocess
+
+    results, stdout, _ = run
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a clone, as CI runs it
+        assert results["commit"] == head.stdout.strip() and isinstance(results["dirty"], bool)
+        assert f"dsum commit: {results['commit'][:12]}" in stdout
+    else:  # an unpacked archive: said, never an error
+        assert results["commit"] is None and results["dirty"] is None
+        assert "dsum commit: unknown (not a git checkout)" in stdout
+    assert " --profile " in results["command"]
 
 
 def test_training_rounds_split_the_steps_and_take_their_own_seeds():
@@ -341,7 +392,8 @@ def test_help_lists_the_quick_run_options(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    for option in ("--device", "--data", "--json", "--models", "--train-steps", "--eval-dialogues", "--notebook-rows"):
+    for option in ("--device", "--data", "--json", "--models", "--train-steps", "--eval-dialogues", "--notebook-rows",
+                   "--profile", "--record"):
         assert option in text
 
 
@@ -354,3 +406,5 @@ def test_sizes_fit_the_recorded_command():
     options = bench.BenchOptions(data=Path("/data/dialogsum"), json_path=Path("bench.json"), train_steps=3)
     assert options.command() == "dsum bench --device cpu --data /data/dialogsum --json bench.json --train-steps 3"
     assert options.sizes().train_steps == 3 and options.sizes().eval_dialogues == bench.CPU_SIZES.eval_dialogues
+    options = bench.BenchOptions(goals=True, data=Path("/d"), profile=Path("profiles"), record=True)
+    assert options.command() == "dsum bench --goals --device cpu --data /d --record --profile profiles"

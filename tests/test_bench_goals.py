@@ -27,24 +27,28 @@ TRAIN_EXAMPLES, WARMUP, TRAIN_STEPS, EVAL_DIALOGUES = 100, 1, 2, 4
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The goals run of both CPU stand-ins, through the command line, on one thread; (results, stdout, workdir)."""
+    """The goals run of both CPU stand-ins, through the command line, on one thread, profiled, its results
+    recorded (`--record`) under the directory it ran in; (results, stdout, workdir)."""
     out = tmp_path_factory.mktemp("goals")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     patch = pytest.MonkeyPatch()
     patch.setitem(bench.SIZES, "cpu", replace(bench.CPU_SIZES, train_examples=TRAIN_EXAMPLES, warmup_steps=WARMUP))
+    patch.chdir(out)
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            status = main(["bench", "--goals", "--data", str(DIALOGSUM), "--json", str(out / "goals.json"),
+            status = main(["bench", "--goals", "--data", str(DIALOGSUM), "--record",
                            "--train-steps", str(TRAIN_STEPS), "--eval-dialogues", str(EVAL_DIALOGUES),
-                           "--workdir", str(out / "work"), "--dsum", "train.fast_cpu_dropout=false"])
+                           "--workdir", str(out / "work"), "--profile", "profiles",
+                           "--dsum", "train.fast_cpu_dropout=false"])
     finally:
         patch.undo()
         torch.set_num_threads(threads)
         bench.fresh_state(0)
     assert status == 0, stdout.getvalue()[-2000:]
-    return json.loads((out / "goals.json").read_text()), stdout.getvalue(), out / "work"
+    [recorded] = (out / "benchmarks" / "results").iterdir()
+    return json.loads(recorded.read_text()), stdout.getvalue(), out / "work"
 
 
 def test_the_epoch_covers_every_training_example_once_and_reports_its_own_loop(run):
@@ -109,6 +113,34 @@ def test_the_cpu_run_has_no_goals_and_says_so(run):
     assert results["command"].endswith(" --dsum train.fast_cpu_dropout=false")
     assert [w["settings"]["fast_cpu_dropout"] for w in results["workloads"].values()] == [False, False]
     assert "dsum ran with train.fast_cpu_dropout=false (--dsum) over the workloads' settings" in stdout
+
+
+def test_the_results_are_recorded_under_a_name_that_says_when_where_what_and_which_code(run):
+    import re
+
+    results, stdout, workdir = run
+    [recorded] = (workdir.parent / "benchmarks" / "results").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z-cpu-goals-([0-9a-f]{7}(-dirty)?|nogit)\.json", recorded.name), \
+        recorded.name
+    assert recorded.name == bench.record_name(results["date"], "cpu", "goals", results["commit"], results["dirty"])
+    assert " --record " in results["command"] and f"results: {Path('benchmarks/results') / recorded.name}" in stdout
+
+
+def test_each_workload_is_profiled_early_in_its_training(run):
+    """The epoch's profile: 3 steps after the warm-up step; the Llama's: its 2 timed steps."""
+    results, stdout, workdir = run
+    profiles = workdir.parent / "profiles"
+    assert results["profile_dir"] == str(profiles)
+    summary = json.loads((profiles / "summary.json").read_text())["runs"]
+    assert set(summary) == {"t5-goals", "llama-goals"}
+    for name, steps in (("t5-goals", [2, 3, 4]), ("llama-goals", [2, 3])):
+        record = json.loads((profiles / f"{name}.json").read_text())
+        assert record["optimizer_steps"] == steps and record["profiled_steps"] == record["schedule"]["active"], name
+        assert any(row["name"] == "aten::mm" for row in record["top_by_self_cpu"][:10]), name
+        assert (profiles / f"{name}.txt").is_file() and f"profile {name}: {len(steps)} steps of " in stdout
+        workload = results["workloads"][name.removesuffix("-goals")]
+        assert workload["profile"]["profiled_steps"] == len(steps)
+        assert workload["profile"]["mean_step_ms"] == record["mean_step_ms"]
 
 
 def _data(workdir: Path, examples: int = 50) -> bench.BenchData:

@@ -215,6 +215,15 @@ CASES = [
     ("bench-dsum-value-a-model-refuses", lambda ws: ["bench", "--workdir", str(ws / "bench"), "--dsum",
                                                      "train.packing=true"],
      "--dsum: dsum bench recipe for t5: train.packing puts examples end to end in one decoder row, which only causal"),
+    ("bench-profile-into-a-file", lambda ws: ["bench", "--workdir", str(ws / "bench"), "--profile",
+                                              predictions(ws, [], "profile.txt")],
+     "profile.txt: it is a file; expected a directory for the profile files (made if missing)"),
+    ("bench-goals-profile-under-a-file", lambda ws: ["bench", "--goals", "--workdir", str(ws / "bench"), "--profile",
+                                                     str(Path(predictions(ws, [], "profile.txt")) / "t5")],
+     "profile.txt is a file; expected a directory for the profile files (made if missing)"),
+    ("bench-record-and-json", lambda ws: ["bench", "--workdir", str(ws / "bench"), "--record", "--json",
+                                          str(ws / "bench.json")],
+     "--record: it names the results file itself, under benchmarks/results/; give --record or --json, not both"),
 ]
 
 
