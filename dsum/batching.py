@@ -182,11 +182,16 @@ class BatchPlan:
         return megas
 
 
-def training_plan(cfg: TrainConfig, lengths: list[int], world_size: int, rank: int) -> BatchPlan:
-    """The plan a recipe's train section asks for, over examples of these token lengths."""
+def training_plan(cfg: TrainConfig, lengths: list[int], world_size: int, rank: int,
+                  max_tokens: int | None = None) -> BatchPlan:
+    """The plan a recipe's train section asks for, over examples of these token lengths; `max_tokens` is
+    the budget train.max_tokens_per_batch: auto settled on."""
+    budget = max_tokens if cfg.max_tokens_per_batch == "auto" else cfg.max_tokens_per_batch
+    if budget is None and cfg.max_tokens_per_batch is not None:
+        raise ValueError("train.max_tokens_per_batch is auto: the plan needs the budget it settled on")
     return BatchPlan(len(lengths), cfg.per_device_batch_size, cfg.gradient_accumulation_steps, world_size, rank,
                      cfg.seed, lengths=tuple(lengths), group_by_length=cfg.group_by_length,
-                     max_tokens=cfg.max_tokens_per_batch, packed=cfg.packing, multiple=cfg.padding_multiple)
+                     max_tokens=budget, packed=cfg.packing, multiple=cfg.padding_multiple)
 
 
 def shuffled_keeping_last(items: list, whole: int, generator: torch.Generator) -> list[int]:

@@ -71,6 +71,11 @@ def verified(path: Path) -> Path:
     return path
 
 
+def saved_state(path: Path) -> dict[str, Any]:
+    """What a checkpoint records besides the weights (its trainer_state.json): the step, the batch layout."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def short(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 

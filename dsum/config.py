@@ -11,7 +11,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -150,9 +150,10 @@ class TrainConfig(Section):
     per_device_batch_size: int = Field(8, gt=0)
     group_by_length: bool = Field(False, description="batches of similar length (less padding); the order of "
                                                      "optimizer steps stays random")
-    max_tokens_per_batch: int | None = Field(
-        None, gt=0, description="fill each micro-batch up to this many tokens per device (padding included) instead of "
-                                "per_device_batch_size examples; an example longer than it trains alone")
+    max_tokens_per_batch: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
+        None, description="fill each micro-batch up to this many tokens per device (padding included) instead of "
+                          "per_device_batch_size examples; an example longer than it trains alone. auto: the largest "
+                          "budget that fits the GPU, probed at the start (dsum/sizing.py)")
     packing: bool = Field(False, description="causal models: put a micro-batch's examples end to end in one row, "
                                              "with position_ids restarting at each, so there is no padding and "
                                              "attention never crosses examples")
@@ -301,7 +302,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(f"{source}: {explain(err.errors()[0])}") from None
+        raise RecipeError(f"{source}: {explain(err.errors())}") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -380,11 +381,16 @@ def _nearest(name: str, candidates: typing.Iterable[str], prefix: str = "") -> s
     return f" (did you mean {prefix + '.' if prefix else ''}{match[0]}?)"
 
 
-def explain(error: dict[str, Any]) -> str:
-    """One line from pydantic's first error: the dotted key, what was given and what was expected."""
-    loc = [str(p) for p in error.get("loc", ()) if not isinstance(p, int)]
-    key = ".".join(loc)
+def explain(errors: list[dict[str, Any]]) -> str:
+    """One line from pydantic's errors: the dotted key, what was given and what was expected. A value
+    that matches no member of a union (an int or "auto") gets one error per member: their
+    expectations are joined."""
+    error = errors[0]
     kind = error.get("type", "")
+    # An unknown key is no field: its location is taken as it is.
+    loc = ([str(p) for p in error.get("loc", ()) if not isinstance(p, int)] if kind == "extra_forbidden"
+           else field_path(error.get("loc", ())))
+    key = ".".join(loc)
     if kind == "extra_forbidden":
         model: type[BaseModel] = Recipe
         for part in loc[:-1]:
@@ -396,16 +402,41 @@ def explain(error: dict[str, Any]) -> str:
     message = error.get("msg", "invalid value").replace("Value error, ", "")
     if kind == "value_error":
         return f"{key + ': ' if key else ''}{message}"
+    members = [e for e in errors if field_path(e.get("loc", ())) == loc and e.get("input") == given]
+    expected = "; or ".join(dict.fromkeys(lower_first(e.get("msg", "invalid value")) for e in members))
     shown = given if not isinstance(given, (dict, list)) else type(given).__name__
-    return f"{key}: got {shown!r}; {message[0].lower() + message[1:]}"
+    return f"{key}: got {shown!r}; {expected}"
+
+
+def lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def field_path(loc: typing.Sequence[Any]) -> list[str]:
+    """The recipe keys of an error's location, without the union members and list indices pydantic adds
+    after them (`train.max_tokens_per_batch.constrained-int` is `train.max_tokens_per_batch`)."""
+    path: list[str] = []
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None:  # past a value's key: a union member's tag, or a list index
+            break
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        path.append(part)
+        model = _section_type(model.model_fields[part].annotation)
+    return path
 
 
 def check_deepspeed(recipe: Recipe, zero_stage: int) -> None:
     """What a recipe cannot do under DeepSpeed: skip an update (the engine applies it inside backward),
-    and, under ZeRO-3, shard 4-bit weights stored in another dtype than the rest of the model."""
+    size its batches by trials on the device (auto), and, under ZeRO-3, compile its blocks or shard 4-bit
+    weights stored in another dtype than the rest of the model."""
     if recipe.train.on_nonfinite_loss == "skip":
         raise RecipeError("train.on_nonfinite_loss is skip, but DeepSpeed applies the update inside backward, "
                           "before a step can be skipped; use stop under DeepSpeed")
+    if recipe.train.max_tokens_per_batch == "auto":
+        raise RecipeError("train.max_tokens_per_batch: auto tries batches on the device before DeepSpeed takes the "
+                          "model, which ZeRO cannot; give a number of tokens under DeepSpeed")
     if recipe.train.compile and zero_stage == 3:
         raise RecipeError("train.compile: not under ZeRO-3, as torch.compile does not reliably trace the hooks that "
                           "gather its sharded weights; set train.compile: false")

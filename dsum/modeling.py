@@ -160,6 +160,28 @@ def check_packing(recipe: Recipe, config: Any) -> None:
                           "position_ids); set train.packing: false and use train.group_by_length")
 
 
+def training_attention(recipe: Recipe, device_type: str) -> str | None:
+    """The attention a run trains with: model.attn_implementation where the recipe sets it; else, for
+    packed rows on a GPU, one that keeps the examples of a row apart without a row x row mask:
+    flash_attention_2 where flash-attn is installed (it reads the boundaries from position_ids, and
+    takes bf16 or fp16), else FlexAttention, in torch, with a block-sparse document mask. None:
+    transformers' own choice (sdpa), which masks a packed row with a mask of row x row."""
+    import importlib.util
+
+    if recipe.model.attn_implementation or not recipe.train.packing or device_type != "cuda":
+        return recipe.model.attn_implementation
+    half = recipe.model.dtype != "float32" or recipe.train.mixed_precision != "no"
+    return "flash_attention_2" if half and importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
+def restore_attention(model) -> None:
+    """Give a model trained with `training_attention`'s choice back the attention transformers picks by
+    default (sdpa where the model has it), for generation: FlexAttention would compile anew for every
+    length of the KV cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation("sdpa" if getattr(base, "_supports_sdpa", False) else "eager")
+
+
 def logits_for_targets_only(model) -> bool:
     """Whether a causal model can run its output head at chosen positions alone: its forward takes a
     (rows, positions) tensor in `logits_to_keep` (transformers' `slice_logits_to_keep`). The loss is the
@@ -194,15 +216,16 @@ def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
     return base
 
 
-def load_model(recipe: Recipe, source: str | Path, *, for_training: bool = True):
-    """Load the base from `source` (Hub id or path), quantized for QLoRA, wrapped in LoRA if asked."""
+def load_model(recipe: Recipe, source: str | Path, *, for_training: bool = True, attention: str | None = None):
+    """Load the base from `source` (Hub id or path), quantized for QLoRA, wrapped in LoRA if asked;
+    `attention` in place of model.attn_implementation (see `training_attention`)."""
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(recipe.model.dtype),
         "revision": recipe.model.revision if recipe.model.name_or_path else None,
         "trust_remote_code": recipe.model.trust_remote_code,
     }
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if attention or recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = attention or recipe.model.attn_implementation
     if recipe.adapter.method == "qlora":
         kwargs["quantization_config"] = bnb_config(recipe)
     if recipe.model.trust_remote_code:

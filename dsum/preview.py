@@ -47,6 +47,9 @@ def describe_plan(recipe: Recipe, examples, tokenizer, world_size: int) -> list[
     if cfg.max_tokens_per_batch is None:
         plan = training_plan(cfg, [0] * len(examples), world_size, 0)
         size = f"global batch size: {plan.global_batch_size} (= {cfg.per_device_batch_size} per device x {per_step})"
+    elif cfg.max_tokens_per_batch == "auto":
+        return [f"world size: {world_size}", "micro-batches of as many tokens as fit the GPU, probed when training "
+                "starts (train.max_tokens_per_batch: auto); optimizer steps depend on that budget"]
     elif tokenizer is None:
         return [f"world size: {world_size}", f"micro-batches of up to {cfg.max_tokens_per_batch} tokens per device; "
                 "optimizer steps depend on token lengths, unknown without the tokenizer"]

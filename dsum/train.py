@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsum import checkpoint, distributed, faults
+from dsum import checkpoint, distributed, faults, sizing
 from dsum.batching import BatchPlan, training_plan
 from dsum.compiling import CompiledBlocks
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed
@@ -30,7 +30,7 @@ from dsum.generate import check_generation
 from dsum.loss import TokenLoss
 from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, logits_for_targets_only,
-                           materialize_base, model_config)
+                           materialize_base, model_config, restore_attention, training_attention)
 from dsum.profiling import StepProfiler
 from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
 from dsum.telemetry import FlopCounter, StepClock, device_peak_flops, reset_gpu_peaks
@@ -99,7 +99,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     if source is None:
         with distributed.main_first(), zero3_init_disabled(accelerator):
             source = materialize_base(recipe, config, output_dir).resolve()
-    model = load_model(recipe, source)
+    attention = training_attention(recipe, accelerator.device.type)
+    model = load_model(recipe, source, attention=attention)
     token_loss = TokenLoss(recipe.model.family, targets_only=logits_for_targets_only(model))
     collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None,
                        packed=cfg.packing, targets_only=token_loss.targets_only, multiple=cfg.padding_multiple)
@@ -115,7 +116,13 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             print(fast_dropout.describe(), flush=True)
         if compiled is not None:
             print(compiled.describe(), flush=True)
-    plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in train_features], world_size, rank)
+        if attention != recipe.model.attn_implementation:
+            print(f"train.packing: attention through {attention}, which keeps packed examples apart without a "
+                  "row x row mask", flush=True)
+    lengths = [feature_tokens(f, recipe.model.family) for f in train_features]
+    budget = token_budget(recipe, accelerator, model, token_loss, collate, train_features, lengths,
+                          checkpoint.saved_state(resume_from) if resume_from is not None else {})
+    plan = training_plan(cfg, lengths, world_size, rank, max_tokens=budget)
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     optimizer = build_optimizer(cfg, model, accelerator.device)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
@@ -134,7 +141,9 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     metrics = MetricsLog(output_dir, keep_through_step=step)
     run.update(total_steps=total_steps, global_batch_size=plan.global_batch_size, steps_per_epoch=plan.steps_per_epoch,
                num_train_examples=plan.num_examples, truncation=truncation, parameters=describe_parameters(model),
-               launch=launch_info(accelerator))  # now with DeepSpeed's filled-in config
+               launch=launch_info(accelerator),  # now with DeepSpeed's filled-in config
+               attention=attention,  # None: transformers' own choice
+               max_tokens_per_batch=budget)
     trackers = Trackers(output_dir, recipe)
 
     # ---- loop ------------------------------------------------------------------------------
@@ -247,6 +256,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     loop_seconds = time.perf_counter() - started
     if fast_dropout is not None:
         fast_dropout.remove()  # the model is saved and evaluated as it was loaded
+    if attention != recipe.model.attn_implementation:
+        restore_attention(accelerator.unwrap_model(model))  # generation takes transformers' own
     guard.check(run)
     if step < total_steps:  # stopped by a signal
         stop_after_signal(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped), cfg, run,
@@ -410,6 +421,29 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
     ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     ds["train_batch_size"] = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
     ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
+
+
+def token_budget(recipe: Recipe, accelerator, model, token_loss: TokenLoss, collate: Collator, features, lengths,
+                 resumed: dict[str, Any]) -> int | None:
+    """train.max_tokens_per_batch as a number: the recipe's; for auto, a resumed checkpoint's (its
+    batches are cut as before) or the largest that fits the device (dsum/sizing.py)."""
+    cfg = recipe.train
+    if cfg.max_tokens_per_batch != "auto":
+        return cfg.max_tokens_per_batch
+    if "max_tokens_per_batch" in resumed:
+        budget, how = resumed["max_tokens_per_batch"], "the checkpoint's, to cut the batches as before"
+    elif sizing.device_memory(accelerator.device):
+        if not getattr(model, "is_quantized", False):  # a 4-bit base is placed on the GPU as it loads
+            model.to(accelerator.device)
+        budget = sizing.probe(model, token_loss, collate, features, lengths, optimizer=cfg.optimizer,
+                              device=accelerator.device, autocast=accelerator.autocast, multiple=cfg.padding_multiple)
+        how = f"the largest that fitted the {accelerator.device.type} in trials, less {1 - sizing.MARGIN:.0%}"
+    else:
+        budget = sizing.mean_budget(lengths, cfg.per_device_batch_size, cfg.padding_multiple)
+        how = f"no device memory to size against: {cfg.per_device_batch_size} examples' worth on average"
+    if distributed.is_main():
+        print(f"train.max_tokens_per_batch: auto: {budget:,} tokens a micro-batch ({how})", flush=True)
+    return budget
 
 
 def compile_blocks(model) -> CompiledBlocks:

@@ -102,6 +102,12 @@ def test_required_keys_exist():
     ("model:\n  family: causal\n  name_or_path: x\n", [], "missing required key 'output_dir'"),
     (MINIMAL.replace("seq2seq", "causal") + "prompt:\n  template: t5\n", [], "prompt.template 't5' is for seq2seq"),
     (MINIMAL + "adapter:\n  dropout: 1.0\n", [], "adapter.dropout: got 1.0"),
+    # A value of a union (a number or a word) that is neither: the key alone, and what each would take.
+    (MINIMAL, ["train.max_tokens_per_batch=atuo"], "train.max_tokens_per_batch: got 'atuo'; input should be a valid "
+                                                    "integer, unable to parse string as an integer; or input should be 'auto'"),
+    (MINIMAL, ["train.max_tokens_per_batch=0"], "train.max_tokens_per_batch: got 0; input should be greater than 0; or"),
+    (MINIMAL, ["adapter.target_modules=5"], "adapter.target_modules: got 5; input should be a valid list; or input "
+                                            "should be 'all-linear'"),
 ])
 def test_bad_recipes_name_the_field(tmp_path, text, overrides, expected):
     with pytest.raises(RecipeError) as err:

@@ -168,9 +168,47 @@ def test_packed_rows_restart_positions_and_keep_every_example_apart(tokenizers):
     # Each example's labels open with its masked prompt: no loss reaches across a boundary.
     assert all(f.labels[0] == IGNORE_INDEX for f in features)
     torch.manual_seed(0)
-    for attention in ("sdpa", "eager"):
+    # FlexAttention: what dsum trains packed rows with on a GPU without flash-attn (a block-sparse document
+    # mask from position_ids); on the CPU torch runs its forward, compiled, though not its backward.
+    for attention in ("sdpa", "eager", "flex_attention"):
         model = AutoModelForCausalLM.from_config(model_config(recipe, tok), attn_implementation=attention).eval()
         with torch.no_grad():
             packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
             alone = [model(input_ids=torch.tensor([f.input_ids])).logits[0] for f in features]
         torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_on_a_gpu_train_with_an_attention_that_never_builds_a_row_by_row_mask(tokenizers, monkeypatch):
+    import importlib.util
+
+    from dsum.modeling import training_attention
+
+    recipe, _ = tokenizers["llama"]
+    packed = recipe.model_copy(update={"train": recipe.train.model_copy(update={"packing": True})})
+    bf16 = packed.model_copy(update={"model": packed.model.model_copy(update={"dtype": "bfloat16"})})
+    installed = {"flash_attn": False}
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if installed.get(name) else None)
+                        if name in installed else find_spec(name, *a))
+    assert training_attention(packed, "cuda") == "flex_attention"
+    assert training_attention(bf16, "cuda") == "flex_attention"
+    installed["flash_attn"] = True
+    assert training_attention(bf16, "cuda") == "flash_attention_2"
+    assert training_attention(packed, "cuda") == "flex_attention"  # flash-attn takes bf16 or fp16 alone
+    assert training_attention(packed, "cpu") is None  # FlexAttention has no backward on the CPU
+    assert training_attention(recipe, "cuda") is None  # padded rows: transformers' choice
+    chosen = bf16.model_copy(update={"model": bf16.model.model_copy(update={"attn_implementation": "eager"})})
+    assert training_attention(chosen, "cuda") == "eager"  # the recipe's, always
+
+
+def test_a_model_trained_with_flex_attention_generates_with_transformers_own(tokenizers):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dsum.modeling import model_config, restore_attention
+
+    recipe, tok = tokenizers["llama"]
+    model = AutoModelForCausalLM.from_config(model_config(recipe, tok), attn_implementation="flex_attention")
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    restore_attention(adapted)
+    assert model.config._attn_implementation == "sdpa"
