@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    keep_freed_host_memory()
     try:
         return args.run(args)
     except RecipeError as err:
@@ -321,37 +320,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers.modeling_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-# glibc's mallopt parameters (<malloc.h>), and the environment through which a user sets them instead.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEPT_FREE_BYTES = 1 << 30  # freed memory at the heap's top kept for the next tensors instead of returned
-LARGEST_HEAP_BLOCK = 32 << 20  # blocks up to this come from the heap; glibc's ceiling on 64-bit machines
-MALLOC_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def keep_freed_host_memory() -> bool:
-    """Have glibc's malloc keep the memory of freed tensors for the next ones, as PyTorch's caching
-    allocator does on a GPU; True if it was set.
-
-    By default glibc serves a block over 128 KiB (a threshold it raises as such blocks are freed) with a
-    fresh mapping that it unmaps when the block is freed, and it trims the heap's top once it holds
-    twice that. A CPU run then page-faults a batch's activations, attention scores and KV cache in
-    anew, batch after batch (BENCHMARKS.md has what this costs batched generation). The freed memory stays
-    with the process instead: up to KEPT_FREE_BYTES of it at the heap's top. Nothing is changed off
-    glibc, or where the user set glibc's malloc tunables (GLIBC_TUNABLES, MALLOC_*_ variables)."""
-    import ctypes
-    import platform
-
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if platform.libc_ver()[0] != "glibc" or "glibc.malloc." in tunables or any(map(os.environ.get, MALLOC_SETTINGS)):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    # Setting the mmap threshold also stops glibc from moving it (and the trim threshold with it).
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES) and libc.mallopt(M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK))
 
 
 if __name__ == "__main__":

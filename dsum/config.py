@@ -197,9 +197,10 @@ class EvalConfig(Section):
     max_samples: int | None = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
     encoder_batch_size: int | None = Field(
-        None, gt=0, description="seq2seq: prompts the encoder takes at a time, each part padded only to its own "
-                                "longest prompt; the decoder still steps through eval.batch_size rows together "
-                                "(null: the whole batch at once; on a CPU 16 is faster, see BENCHMARKS.md)")
+        None, gt=0, description="seq2seq on a CPU: prompts the encoder takes at a time, each part padded only to its "
+                                "own longest prompt; the decoder still steps through eval.batch_size rows together "
+                                "(null: the whole batch at once, as a GPU always does; on a CPU 16 is faster, see "
+                                "BENCHMARKS.md)")
     max_new_tokens: int = Field(64, gt=0)
     num_beams: int = Field(1, gt=0)
     do_sample: bool = False

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from dsum import distributed
+from dsum import cpu_speed, distributed
 from dsum.config import Recipe, RecipeError, recipe_to_dict
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, Prediction, generate_predictions
@@ -148,6 +148,7 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
                           "or --output-dir to write elsewhere")
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                               kwargs_handlers=distributed.process_group_kwargs())
+    cpu_speed.start_run(accelerator.device)
     if overwrite and distributed.is_main():
         (output_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)

@@ -10,12 +10,9 @@ are left-padded and the prompt is cut from the output.
 Each rank appends finished predictions to `partial/rank-R.jsonl` as it goes; a restarted evaluation
 reads them back and generates only what is missing. A batch that runs out of GPU memory is generated
 in halves, and the smaller size is kept for the rest (not under ZeRO-3, whose ranks move in step).
-With `eval.encoder_batch_size` a seq2seq encoder takes a batch's prompts a few at a time, each part
-cut to its own longest prompt, before the whole batch decodes together (not under ZeRO-3 either).
-
-`eval.cache: dynamic` grows each batch's KV cache token by token, in buffers with room to grow
-(`GrowingLayer`) rather than by concatenating the whole cache at every step, as transformers' own does.
-`eval.cache: static` allocates each batch's KV cache at its full length up front instead of growing
+On a CPU, `eval.encoder_batch_size` has a seq2seq encoder take a batch's prompts a few at a time, and
+the KV cache of `eval.cache: dynamic` grows in buffers rather than being concatenated anew at every
+token (dsum/cpu_speed.py). `eval.cache: static` allocates each batch's KV cache at its full length up front instead of growing
 it token by token; the predictions are the same. transformers compiles the decoding step of a static
 cache by itself, but only on CUDA: here `eval.compile` alone decides, on any device. The first batch
 waits for compilation, and new shapes compile again (a smaller last batch, a seq2seq batch's prompt
@@ -31,7 +28,6 @@ holds.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from contextlib import nullcontext
@@ -41,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from dsum import distributed, faults
+from dsum import cpu_speed, distributed, faults
 from dsum.config import EvalConfig, Recipe, RecipeError, RunError
 from dsum.data import Example
 from dsum.features import Featurizer, pad
@@ -112,8 +108,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
     kwargs = generation_kwargs(recipe, tokenizer)
     results: list[Prediction] = []
     fitting = [recipe.eval.batch_size]  # rows per generate call: halved on out-of-memory, for the rest of the run
-    # Under ZeRO-3 every rank must make the same forward calls: the encoder runs inside `generate` there.
-    encoder_batch = None if synced_gpus else recipe.eval.encoder_batch_size
+    encoder_batch = cpu_speed.encoder_batch(recipe.eval, device, synced_gpus)
     for call in tqdm(range(calls), desc="generate", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
         # Every rank makes every call, so every rank votes here: stop together, between batches.
         if stop is not None and distributed.sum_all([stop.vote()])[0]:
@@ -160,7 +155,7 @@ def generate_fitting(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """`model.generate` on the batch, in slices of at most `fitting[0]` rows; on out-of-memory the slice
     is halved (and stays halved) instead of failing. The rows keep the batch's padding, so each row's
     prompt is the same whatever the slice, and the outputs are padded back into one tensor. With
-    `encoder_batch` (seq2seq), the encoder runs apart first (`encode_in_parts`)."""
+    `encoder_batch` (seq2seq, on a CPU), the encoder runs apart first (`cpu_speed.encode_in_parts`)."""
     outputs, start = [], 0
     while start < len(input_ids):
         rows = slice(start, start + fitting[0])
@@ -168,9 +163,10 @@ def generate_fitting(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
             if encoder_batch is None:
                 prompt = {"input_ids": input_ids[rows]}
             else:
-                prompt = {"encoder_outputs": encode_in_parts(model, input_ids[rows], attention_mask[rows], encoder_batch)}
+                prompt = {"encoder_outputs": cpu_speed.encode_in_parts(model, input_ids[rows], attention_mask[rows],
+                                                                        encoder_batch)}
             if "cache_implementation" not in kwargs:  # eval.cache: dynamic
-                prompt["past_key_values"] = growing_cache(model)
+                prompt["past_key_values"] = cpu_speed.growing_cache(model, input_ids.device)
             outputs.append(model.generate(**prompt, attention_mask=attention_mask[rows], **kwargs,
                                           synced_gpus=synced_gpus))
         except torch.OutOfMemoryError:
@@ -186,78 +182,6 @@ def generate_fitting(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     width = max(o.shape[1] for o in outputs)
     pad_id = kwargs["pad_token_id"]
     return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_id) for o in outputs])
-
-
-def encode_in_parts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, part: int):
-    """The encoder's output for right-padded prompts, `part` prompts at a time, each part cut to its own
-    longest prompt and its output padded back with zeros, which the attention mask hides.
-
-    On a CPU this is faster than one pass over the whole batch: T5's attention builds a (rows, heads,
-    width, width) bias in every layer, and a few rows' of it stay in the cache (BENCHMARKS.md)."""
-    from transformers.modeling_outputs import BaseModelOutput
-
-    encoder, width, states = model.get_encoder(), input_ids.shape[1], []
-    for start in range(0, len(input_ids), part):
-        rows = slice(start, start + part)
-        own = int(attention_mask[rows].sum(dim=1).max())
-        hidden = encoder(input_ids=input_ids[rows, :own], attention_mask=attention_mask[rows, :own]).last_hidden_state
-        states.append(torch.nn.functional.pad(hidden, (0, 0, 0, width - own)))
-    return BaseModelOutput(last_hidden_state=torch.cat(states))
-
-
-class GrowingLayer:
-    """A KV cache layer that writes each step's keys and values into room kept at the end of a buffer
-    and attends over a view of its filled part; transformers' DynamicLayer concatenates the whole
-    cache anew at every step instead. The buffer grows ROOM positions at a time. Where another method
-    replaces `keys` (a beam reorder, a crop), the next update starts a new buffer from what it left.
-    Mixed into DynamicLayer by `growing_layer_class`, for everything but `update`."""
-
-    ROOM = 64
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if getattr(self, "_view", None) is not self.keys:  # a first update, or keys replaced by another method
-            kept = self.keys.numel() > 0
-            self._filled = self.keys.shape[-2] if kept else 0
-            self._keys, self._values = (self.keys, self.values) if kept else (None, None)
-        start, end = self._filled, self._filled + key_states.shape[-2]
-        if self._keys is None or self._keys.shape[-2] < end:
-            self._keys = self._grown(self._keys, start, key_states, end + self.ROOM)
-            self._values = self._grown(self._values, start, value_states, end + self.ROOM)
-        self._keys[..., start:end, :] = key_states
-        self._values[..., start:end, :] = value_states
-        self._filled = end
-        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
-        self._view = self.keys
-        return self.keys, self.values
-
-    @staticmethod
-    def _grown(buffer: torch.Tensor | None, filled: int, like: torch.Tensor, length: int) -> torch.Tensor:
-        grown = like.new_empty(*like.shape[:-2], length, like.shape[-1])
-        if filled:
-            grown[..., :filled, :] = buffer[..., :filled, :]
-        return grown
-
-
-@functools.cache
-def growing_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    return type("GrowingDynamicLayer", (GrowingLayer, DynamicLayer), {})
-
-
-def growing_cache(model):
-    """A fresh KV cache of GrowingLayers for one `generate` call (it gives the predictions of the dynamic
-    cache `generate` makes by itself, which the tests check), or None where the model's decoder has
-    layers other than full attention (sliding windows, for instance): those keep transformers' cache."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
-
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None
-    cache.layers = [growing_layer_class()() for _ in cache.layers]
-    return EncoderDecoderCache(cache, DynamicCache()) if model.config.is_encoder_decoder else cache
 
 
 def generation_kwargs(recipe: Recipe, tokenizer) -> dict:

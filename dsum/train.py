@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from dsum import checkpoint, distributed, faults, sizing
+from dsum import checkpoint, cpu_speed, distributed, faults, sizing
 from dsum.batching import BatchPlan, training_plan
 from dsum.compiling import CompiledBlocks
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed
-from dsum.cpu_dropout import FastCpuDropout
 from dsum.data import Example, load_split
 from dsum.features import Collator, Featurizer, MicroBatch, feature_tokens
 from dsum.generate import check_generation
@@ -69,6 +68,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         kwargs_handlers=distributed.process_group_kwargs(),
     )
     check_launch(accelerator, recipe)
+    cpu_speed.start_run(accelerator.device)
     reset_gpu_peaks(accelerator.device)
     rank, world_size = distributed.rank(), distributed.world_size()
     # Everything the user named is read and checked before anything is written.
@@ -105,9 +105,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     collate = Collator(tokenizer.pad_token_id, config.decoder_start_token_id if recipe.model.family == "seq2seq" else None,
                        packed=cfg.packing, targets_only=token_loss.targets_only, multiple=cfg.padding_multiple)
     compiled = compile_blocks(model) if cfg.compile else None
-    # Compiled code draws its own dropout masks, as fast as dsum's CPU ones.
-    fast_dropout = (FastCpuDropout(model) if cfg.fast_cpu_dropout and accelerator.device.type == "cpu"
-                    and compiled is None else None)
+    fast_dropout = cpu_speed.fast_dropout(model, cfg, accelerator.device, compiled=compiled is not None)
     if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
         check_generation(recipe.eval, model, synced_gpus=distributed.zero3(accelerator))
     if distributed.is_main():

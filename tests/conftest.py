@@ -36,15 +36,15 @@ def run_dsum(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     It spares the seconds a new interpreter spends importing torch and transformers. What only a process
     of its own shows (the entry point, signals, kills, launchers, settings read at import) is tested by
     starting one. The environment, warning filters, logging handlers and Accelerate's state are given
-    back afterwards; glibc's malloc settings, which cannot be, are left out (tests/test_cli.py checks
-    them in a process of its own)."""
+    back afterwards (glibc's malloc settings, which cannot be, are never set in pytest's process: see
+    `malloc_left_alone`)."""
     from dsum import cli
 
     # UTF-8 streams, as a process's pipes are here (tqdm draws its bars in ASCII on a stream without an encoding).
     out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
     handlers = logging.root.handlers[:]
     with (mock.patch.dict(os.environ, env or {}), warnings.catch_warnings(),
-          mock.patch.object(cli, "keep_freed_host_memory", lambda: False), redirect_stdout(out), redirect_stderr(err)):
+          redirect_stdout(out), redirect_stderr(err)):
         try:
             status = cli.main(list(args))
         except SystemExit as exit:  # argparse's usage errors
@@ -61,6 +61,16 @@ def reset_accelerate_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def malloc_left_alone(monkeypatch):
+    """A CPU run sets glibc's malloc for the whole process, which nothing can undo: not in pytest's process,
+    where every test after would run with it. tests/test_cli.py and tests/test_cpu_speed.py check the
+    setting and where it is made, in processes of their own or with the call recorded."""
+    from dsum import cpu_speed
+
+    monkeypatch.setattr(cpu_speed, "keep_freed_host_memory", lambda: False)
 
 
 @pytest.fixture(autouse=True)

@@ -114,7 +114,7 @@ def test_an_untrained_model_scores_far_below_the_demo(tmp_path):
 EVALUATION_FAULTS = """
 import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from dsum.cli import keep_freed_host_memory
+from dsum.cpu_speed import keep_freed_host_memory
 kept = keep_freed_host_memory() if sys.argv[1] == "keep" else None
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -154,7 +154,8 @@ def test_the_command_keeps_freed_tensor_memory_for_the_next_batches():
 @pytest.mark.parametrize("variable, value", [("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
                                              ("MALLOC_MMAP_THRESHOLD_", "65536")])
 def test_a_users_own_malloc_settings_are_left_alone(monkeypatch, variable, value):
-    from dsum.cli import keep_freed_host_memory
+    from dsum import cpu_speed
 
+    monkeypatch.undo()  # conftest's stand-in: this is the real one, which sets nothing here
     monkeypatch.setenv(variable, value)
-    assert keep_freed_host_memory() is False
+    assert cpu_speed.keep_freed_host_memory() is False

@@ -323,16 +323,16 @@ def test_the_growing_cache_gives_the_predictions_of_transformers_own(tiny_pair, 
     """dsum's KV cache for eval.cache: dynamic, against the one `generate` makes by itself. With room for
     one more token at a time it regrows at every step, and beam search reorders it at every step. (Its
     usual path, greedy with room to spare, is also compared with a static cache above.)"""
-    import dsum.generate as generate
+    from dsum import cpu_speed
 
     settings = ["data.synthetic.test_size=10", "eval.num_beams=2"]
-    made, real = [], generate.growing_cache
-    monkeypatch.setattr(generate.GrowingLayer, "ROOM", 1)
-    monkeypatch.setattr(generate, "growing_cache", lambda model: made.append(real(model)) or made[-1])
+    made, real = [], cpu_speed.growing_cache
+    monkeypatch.setattr(cpu_speed.GrowingLayer, "ROOM", 1)
+    monkeypatch.setattr(cpu_speed, "growing_cache", lambda model, device: made.append(real(model, device)) or made[-1])
     growing = predict(tiny_pair[name], name, *settings)
     caches = [getattr(cache, "self_attention_cache", cache) for cache in made]
     assert len(caches) == 3 and all(layer._filled > 1 for cache in caches for layer in cache.layers)
-    monkeypatch.setattr(generate, "growing_cache", lambda model: None)
+    monkeypatch.setattr(cpu_speed, "growing_cache", lambda model, device: None)
     assert predict(tiny_pair[name], name, *settings) == growing
 
 
