@@ -9,7 +9,10 @@ the recipe's ones off for an A/B run (BENCHMARKS.md has the runs):
 - generation's KV cache grows in buffers instead of being concatenated anew at every token
   (`GrowingLayer`, with eval.cache: dynamic);
 - `eval.encoder_batch_size`: a seq2seq encoder takes a batch's prompts a few at a time
-  (`encode_in_parts`); a GPU takes the whole batch in one pass.
+  (`encode_in_parts`); a GPU takes the whole batch in one pass;
+- a causal model's output head runs at exactly the target positions, selected by a mask
+  (`exact_targets`), rather than at the collator's positions padded to the row with the most: a GPU
+  would wait to count what the mask keeps, a CPU does not.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ def fast_dropout(model, cfg: TrainConfig, device: torch.device, compiled: bool):
     from dsum.cpu_dropout import FastCpuDropout
 
     return FastCpuDropout(model)
+
+
+def exact_targets(device: torch.device | str) -> bool:
+    """Whether the loss selects a causal batch's target positions by a mask (dsum/loss.py): on a CPU, where
+    the head is much of a small model's work and counting the mask's kept positions costs nothing."""
+    return on_cpu(device)
 
 
 def encoder_batch(e: EvalConfig, device: torch.device | str, synced_gpus: bool) -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsum import cpu_speed
 from dsum.features import IGNORE_INDEX
 
 # Logits upcast to fp32 at a time: 64 M elements, 256 MB (about 2,000 rows of a 32,000-token vocabulary).
@@ -26,10 +27,12 @@ class TokenLoss:
     """Cross-entropy summed over a batch's target tokens (the caller divides by the window's count).
 
     `targets_only` (causal models whose forward takes positions in `logits_to_keep`, see
-    `dsum.modeling.logits_for_targets_only`): the batch holds `target_positions` and `target_labels`,
-    and the output head runs at those positions alone. The loss is the same; the head's FLOPs over the
-    prompt are saved, and so is the memory of their logits (131 MB in fp32 for one 1,024-token row of
-    a 32,000-token vocabulary).
+    `dsum.modeling.logits_for_targets_only`): the output head runs at the positions that predict a
+    target alone. The loss is the same; the head's FLOPs over the prompt are saved, and so is the
+    memory of their logits (131 MB in fp32 for one 1,024-token row of a 32,000-token vocabulary). The
+    positions are the batch's `target_positions` (with `target_labels`), padded to the row with the
+    most, which the collator worked out on the host; on a CPU, exactly the targets, selected by a mask
+    (`cpu_speed.exact_targets`).
     """
 
     def __init__(self, family: str, targets_only: bool = False):
@@ -39,6 +42,11 @@ class TokenLoss:
         inputs = {k: v for k, v in batch.items() if k not in LOSS_KEYS}
         if self.family == "seq2seq":
             return chunked_cross_entropy(model(**inputs, use_cache=False).logits, batch["labels"], label_smoothing)
+        if self.targets_only and cpu_speed.exact_targets(batch["labels"].device):
+            labels = batch["labels"][:, 1:]
+            kept = labels != IGNORE_INDEX  # read back to count the kept positions: free on a CPU
+            logits = model(**inputs, logits_to_keep=F.pad(kept, (0, 1)), use_cache=False).logits
+            return chunked_cross_entropy(logits, labels[kept], label_smoothing)
         if self.targets_only:
             logits = model(**inputs, logits_to_keep=batch["target_positions"], use_cache=False).logits
             return chunked_cross_entropy(logits, batch["target_labels"], label_smoothing)
@@ -81,12 +89,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             nll = -log_probs.gather(1, index)
             if smoothing:
                 nll = (1 - smoothing) * nll - smoothing * log_probs.mean(dim=-1, keepdim=True)
-            total += nll.masked_fill(~kept, 0).sum()
+            total += (nll * kept).sum()
             part_grad = log_probs.exp_()  # the softmax, in place of the log-probabilities
             part_grad.scatter_add_(1, index, torch.full_like(nll, smoothing - 1))
             if smoothing:
                 part_grad -= smoothing / vocab
-            grad[start : start + rows] = part_grad.masked_fill_(~kept, 0)
+            torch.mul(part_grad, kept, out=grad[start : start + rows])  # ignored rows: 0; in the logits' dtype
         ctx.save_for_backward(grad)
         ctx.shape = logits.shape
         return total

@@ -312,14 +312,18 @@ def test_a_generation_setting_the_model_cannot_use_is_refused_before_training(tm
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was taken
 
 
-def test_a_causal_loss_runs_the_head_at_the_targets_alone_and_equals_the_full_loss():
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_causal_loss_runs_the_head_at_the_targets_alone_and_equals_the_full_loss(monkeypatch, exact):
+    """At the collator's positions (a GPU's way), or exactly at the targets, by a mask (a CPU's way)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+    from dsum import cpu_speed
     from dsum.features import Collator
     from dsum.loss import TokenLoss
     from dsum.modeling import logits_for_targets_only
 
+    monkeypatch.setattr(cpu_speed, "exact_targets", lambda device: exact)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=4, vocab_size=120))
@@ -339,9 +343,10 @@ def test_a_causal_loss_runs_the_head_at_the_targets_alone_and_equals_the_full_lo
         torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
         for full, kept in zip(results[0][1], results[1][1]):
             torch.testing.assert_close(full, kept, atol=1e-6, rtol=1e-4)
-    # Every position (padded, then packed), or the targets alone: padded, each row as many as the row with the
-    # most (7 of 3, 7 and 3; the collator works out the positions on the host), packed, exactly those.
-    assert heads_saw == [3 * 12, 3 * 7, 23, (7 - 4) + (12 - 5) + (4 - 1)]
+    # Every position (padded, then packed), or the targets alone: by a mask, exactly those; at the collator's
+    # positions, padded, each row as many as the row with the most (7 of 3, 7 and 3), packed, exactly those.
+    targets = (7 - 4) + (12 - 5) + (4 - 1)
+    assert heads_saw == [3 * 12, targets if exact else 3 * 7, 23, targets]
 
     assert logits_for_targets_only(model)
     assert logits_for_targets_only(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
@@ -448,7 +453,11 @@ def test_nothing_is_read_from_the_device_between_logging_steps(tmp_path, monkeyp
     """Between two logging steps the loop reads no value of a tensor (the loss and the gradient norm stay
     on the device until logged; counts come from the host), so on a GPU the host never waits for the
     device and goes on to the next window while the device works. The reads after step k are those of
-    step k's logging and of step k + 1: with a record every 4 steps, after steps 1-3 and 5-7 there are none."""
+    step k's logging and of step k + 1: with a record every 4 steps, after steps 1-3 and 5-7 there are none.
+    The GPU's path: the CPU's exact selection of a causal batch's targets, which counts a mask, is off."""
+    from dsum import cpu_speed
+
+    monkeypatch.setattr(cpu_speed, "exact_targets", lambda device: False)
     with DeviceReads(monkeypatch) as reads:
         train(tiny(name, tmp_path / "run", "train.max_steps=8", "train.logging_steps=4",
                    "train.gradient_accumulation_steps=2", "train.per_device_batch_size=4", *overrides))
