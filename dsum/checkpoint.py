@@ -20,26 +20,8 @@ import torch
 
 from dsum import distributed, faults
 from dsum.config import RecipeError, RunError
-
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-FINISHED = "finished"
-
-
-def checkpoint_path(output_dir: Path, step: int) -> Path:
-    return output_dir / CHECKPOINTS / f"step-{step:08d}"
-
-
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = output_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
+from dsum.run_dir import (CHECKPOINTS, FINAL, MARKER, STATE_FILE, checkpoint_path,
+                           complete_checkpoints)
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """The checkpoint that `--resume latest` or `--resume PATH` names."""
@@ -78,23 +60,6 @@ def saved_state(path: Path) -> dict[str, Any]:
 
 def short(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-
-
-def auto_resume(output_dir: Path) -> tuple[str | None, bool]:
-    """`--resume auto`: (resume, overwrite) for a run that may have started, stopped or finished.
-
-    Nothing there yet: start. A finished run: `FINISHED`, nothing to do. A complete checkpoint:
-    continue from the newest. A run that saved none: start it again.
-    """
-    from dsum.run_info import RUN_FILE, read_status
-
-    if not (output_dir / RUN_FILE).is_file():
-        return None, False
-    if read_status(output_dir / RUN_FILE) == "finished" and (output_dir / FINAL).is_dir():
-        return FINISHED, False
-    if complete_checkpoints(output_dir):
-        return "latest", False
-    return None, True
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:

@@ -300,8 +300,10 @@ def is_demo_run(output_dir: Path) -> bool:
     """A previous demo in the same place is replaced; any other run there is refused as usual."""
     import json
 
+    from dsum.run_dir import RUN_FILE
+
     try:
-        info = json.loads((output_dir / "run.json").read_text())
+        info = json.loads((output_dir / RUN_FILE).read_text())
     except (OSError, ValueError):
         return False
     return info.get("recipe", {}).get("data", {}).get("source") == "synthetic" and info.get("demo") is True

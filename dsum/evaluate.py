@@ -25,6 +25,7 @@ from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, Prediction, generate_predictions
 from dsum.preemption import StopSignals
 from dsum.prompts import pick_shots
+from dsum.run_dir import BASE_DIR
 from dsum.scoring import interleave, rouge_from_matrix, rouge_table, spread_scores
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -186,8 +187,6 @@ def check_checkpoint_family(recipe: Recipe, checkpoint: Path) -> None:
 
 def model_source(recipe: Recipe, checkpoint: Path | None) -> str:
     """The evaluated model as metrics.json names it: the checkpoint, or the base alone (zero-shot)."""
-    from dsum.modeling import BASE_DIR
-
     if checkpoint is not None:
         return str(checkpoint.resolve())
     return recipe.model.name_or_path or str((Path(recipe.output_dir) / BASE_DIR).resolve())
@@ -209,7 +208,7 @@ def load_for_eval(recipe: Recipe, checkpoint: Path | None):
     """(model, tokenizer): a full checkpoint, an adapter on its base, or the recipe's base alone."""
     from transformers import AutoTokenizer
 
-    from dsum.modeling import BASE_DIR, load_model, load_tokenizer
+    from dsum.modeling import load_model, load_tokenizer
 
     if checkpoint is not None and not checkpoint.is_dir():
         raise RecipeError(f"--checkpoint {checkpoint}: no such directory")

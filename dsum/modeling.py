@@ -16,11 +16,10 @@ import torch
 
 from dsum import prompts
 from dsum.config import Recipe, RecipeError
+from dsum.run_dir import BASE_DIR, TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
 
-BASE_DIR = "base"
-TOKENIZER_DIR = "tokenizer"
 T5_TYPES = ("t5", "mt5", "umt5", "longt5")
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
 

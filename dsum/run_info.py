@@ -1,4 +1,4 @@
-"""What a run writes about itself: `run.json`, `metrics.jsonl`, tracker events, and the output-dir guard.
+"""What a run writes about itself: `run.json`, `metrics.jsonl` and tracker events (dsum/run_dir.py names them).
 
 `run.json` holds the resolved recipe, package versions, git commit, the true world size and the
 Accelerate/DeepSpeed configuration; its `status` is `running` until `final/` exists, then `finished`
@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import platform
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,66 +19,13 @@ from typing import Any
 
 from dsum import distributed
 from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
+from dsum.run_dir import METRICS_FILE, RUN_FILE, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-SLURM_DIR = "slurm"  # `dsum submit` keeps the batch script and the job's logs here, before the run starts
 PACKAGES = ("dsum", "torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes", "tokenizers", "datasets")
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
                    "comet_ml": "comet_ml", "clearml": "clearml"}
-
-
-def ensure_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to start over a run unless asked; never delete a directory that is not a dsum run.
-
-    Every rank looks before any rank writes, so all of them reach the same verdict.
-    """
-    problem = output_dir_problem(output_dir, overwrite)
-    distributed.barrier()
-    if problem:
-        raise RecipeError(problem)
-    if overwrite and (output_dir / RUN_FILE).is_file():
-        if distributed.is_main():
-            for entry in run_entries(output_dir):
-                if entry.is_dir():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        distributed.barrier()
-
-
-def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
-    if not output_dir.exists() or not run_entries(output_dir):
-        return None
-    run_file = output_dir / RUN_FILE
-    if not run_file.is_file():
-        return f"output_dir {output_dir} is not empty and holds no dsum run; choose another output_dir"
-    if overwrite:
-        return None
-    status = read_status(run_file)
-    from dsum.checkpoint import complete_checkpoints  # here: it brings torch, which `dsum submit` needs not
-
-    if status == "finished":
-        hint = ""
-    elif complete_checkpoints(output_dir):
-        hint = "pass --resume latest to continue it, or "
-    else:  # stopped or crashed before its first checkpoint
-        hint = "it saved no checkpoint to resume from; "
-    return f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it"
-
-
-def run_entries(output_dir: Path) -> list[Path]:
-    """What a run wrote into its directory; the SLURM job's own files stay, whatever happens to the run."""
-    return [p for p in output_dir.iterdir() if p.name != SLURM_DIR]
-
-
-def read_status(run_file: Path) -> str:
-    try:
-        return json.loads(run_file.read_text()).get("status", "unknown")
-    except (OSError, ValueError):
-        return "unreadable"
 
 
 class RunInfo:
@@ -175,7 +121,7 @@ class Trackers:
                 log.warning("train.trackers: %s is not installed; skipping it", name)
                 continue
             cls = LOGGER_TYPE_TO_CLASS[name]
-            tracker = cls("dsum", str(output_dir / name)) if name == "tensorboard" else cls("dsum")
+            tracker = cls("dsum", str(output_dir / TENSORBOARD_DIR)) if name == "tensorboard" else cls("dsum")
             tracker.start()
             tracker.store_init_configuration(config)
             self.trackers.append(tracker)

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from dsum.config import Recipe, RecipeError, check_deepspeed
-from dsum.run_info import RUN_FILE, SLURM_DIR, read_status
+from dsum.run_dir import RUN_FILE, SLURM_DIR, read_status
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_DIR = ROOT / "launch"

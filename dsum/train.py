@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsum import checkpoint, cpu_speed, distributed, faults, sizing
+from dsum import checkpoint, cpu_speed, distributed, faults, run_dir, sizing
 from dsum.batching import BatchPlan, training_plan
 from dsum.compiling import CompiledBlocks
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed
@@ -31,7 +31,7 @@ from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, logits_for_targets_only,
                            materialize_base, model_config, restore_attention, training_attention)
 from dsum.profiling import StepProfiler
-from dsum.run_info import MetricsLog, RunInfo, Trackers, ensure_fresh_output_dir, launch_info
+from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info
 from dsum.telemetry import FlopCounter, StepClock, device_peak_flops, reset_gpu_peaks
 
 
@@ -55,10 +55,10 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     output_dir = Path(recipe.output_dir)
     cfg = recipe.train
     if resume == "auto":  # what a requeued job runs: continue, start, or see that it is done
-        resume, overwrite = checkpoint.auto_resume(output_dir)
-        if resume == checkpoint.FINISHED:
+        resume, overwrite = run_dir.auto_resume(output_dir)
+        if resume == run_dir.FINISHED:
             print(f"{output_dir} already holds a finished run; nothing to do", flush=True)
-            return output_dir / checkpoint.FINAL
+            return output_dir / run_dir.FINAL
 
     # ---- set up: launch, output directory, seed -------------------------------------------
     accelerator = Accelerator(
@@ -75,8 +75,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     train_examples = load_split(recipe.data, recipe.data.train_split)
     val_examples = load_split(recipe.data, recipe.data.validation_split)
     resume_from = checkpoint.verified(checkpoint.resolve_resume(output_dir, resume)) if resume is not None else None
-    if resume is None:
-        ensure_fresh_output_dir(output_dir, overwrite)
+    # Held from here to the end: one run in a directory at a time; a new run replaces only a run's entries.
+    closing.enter_context(run_dir.claim(output_dir, resuming=resume_from is not None, overwrite=overwrite))
     run = closing.enter_context(RunInfo(output_dir, recipe, accelerator, world_size))  # an error: status failed
     run.start(resumed_from=str(resume_from) if resume_from else None, **run_tags)
     set_seed(cfg.seed)
@@ -270,8 +270,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     if recipe.eval.after_training:
         from dsum.evaluate import evaluate
 
-        evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir / "eval",
-                 accelerator=accelerator, model_source=str(final.resolve()))
+        evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                 output_dir=output_dir / run_dir.EVAL_DIR, accelerator=accelerator, model_source=str(final.resolve()))
     run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
                skipped_steps=guard.skipped,
                telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size)
@@ -289,8 +289,8 @@ def stop_after_signal(accelerator, output_dir: Path, state: dict[str, Any], cfg:
                       signal_name: str | None) -> None:
     """Save a checkpoint at this step boundary (unless one was just saved), record it, and stop."""
     step = state["global_step"]
-    path = checkpoint.checkpoint_path(output_dir, step)
-    if step > 0 and not (path / checkpoint.MARKER).is_file():  # not at the start, nor just saved or resumed
+    path = run_dir.checkpoint_path(output_dir, step)
+    if step > 0 and not (path / run_dir.MARKER).is_file():  # not at the start, nor just saved or resumed
         path = checkpoint.save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
     reason = signal_name or "a signal to another process"
     run.update(status="stopped", stopped_at_step=step, stopped_by=reason)

@@ -92,7 +92,7 @@ def test_an_unexpected_error_marks_the_run_failed_and_goes_on_up(tmp_path, monke
     assert info["status"] == "failed" and "failed_at" in info
     assert info["failure"] == "OSError: [Errno 28] No space left on device (injected by DSUM_FAULT)"
     # The next command in the same place is told what is there and how to go on.
-    from dsum.run_info import output_dir_problem
+    from dsum.run_dir import output_dir_problem
 
     assert output_dir_problem(run, overwrite=False) == (
         f"output_dir {run} already holds a failed run; pass --resume latest to continue it, or pass --overwrite "
@@ -136,3 +136,37 @@ def test_skip_drops_the_update_of_a_non_finite_step_and_counts_it(tmp_path, monk
     # Steps 1-2 trained alike; step 3's update was dropped, so the runs part there.
     assert losses(run)[:2] == pytest.approx(losses(clean)[:2], abs=1e-9)
     assert not any(torch.allclose(final[k], weights(clean)[k]) for k in final if "lora_B" in k)
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from dsum.run_dir import Lock
+assert Lock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_run_at_a_time_holds_the_directory_until_its_process_ends(tmp_path):
+    """Another process holds the output directory (as a run does, from before it writes until it ends): a
+    second start is refused in one line, with exit status 2, and changes nothing. Killed, the holder lets
+    go with its process, and the next start runs."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_dsum("train", RECIPE, *SETTINGS, "train.max_steps=1", f"output_dir={out}")
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1] == (f"dsum: error: output_dir {out} is in use by another dsum run "
+                                                          "(it holds the directory's lock); wait for it to end, or "
+                                                          "choose another output_dir")
+        assert "Traceback" not in refused.stderr
+        assert not list(out.iterdir())
+    finally:
+        holder.kill()  # SIGKILL: nothing of the holder's own runs, the kernel drops its lock
+        holder.wait()
+    started = run_dsum("train", RECIPE, *SETTINGS, "train.max_steps=1", f"output_dir={out}")
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -124,6 +124,28 @@ def test_a_directory_that_is_not_a_run_is_never_touched(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("how", ["overwrite", "resume-auto"])
+def test_a_new_run_replaces_what_a_run_wrote_and_nothing_else(tmp_path, how):
+    """The user's own files beside a run (notes, code) stay when the run is replaced, with --overwrite or by
+    --resume auto starting over a run that saved no checkpoint, as a requeued job does."""
+    out = tmp_path / "run"
+    train(tiny("t5-full", out, "train.max_steps=2"))
+    (out / "NOTES.md").write_text("mine")
+    (out / "src").mkdir()
+    (out / "src" / "main.py").write_text("print('mine')")
+    (out / "tensorboard").mkdir(exist_ok=True)
+    if how == "resume-auto":
+        shutil.rmtree(out / "final")
+        run = json.loads((out / "run.json").read_text())
+        (out / "run.json").write_text(json.dumps({**run, "status": "failed"}))
+        train(tiny("t5-full", out, "train.max_steps=3"), resume="auto")
+    else:
+        train(tiny("t5-full", out, "train.max_steps=3"), overwrite=True)
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "src" / "main.py").read_text() == "print('mine')"
+    assert len(losses(out)) == 3  # the run's own entries were replaced: metrics.jsonl holds the new run alone
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"])
 def test_every_optimizer_trains(tmp_path, optimizer):
     out = tmp_path / optimizer

@@ -1,0 +1,167 @@
+"""The run directory, `output_dir`: the names of what dsum writes there, the only entries it ever
+deletes, the lock that keeps one run in a directory at a time, and what state a run there is in (its
+status, its complete checkpoints, what `--resume auto` does). It imports no torch, so that `dsum
+submit` and the refusals stay fast.
+
+    output_dir/
+      run.json        the run: recipe, versions, status (running, finished, stopped, failed)
+      metrics.jsonl   a line per logging step and per validation
+      tokenizer/      the tokenizer trained on the training split (tokenizer.train)
+      base/           the random-init base (model.architecture), written once
+      checkpoints/    step-NNNNNNNN/, complete once it holds COMPLETE; the newest save_total_limit kept
+      final/          the model or adapter users load
+      eval/           predictions.jsonl and metrics.json (partial/ while generating)
+      tensorboard/    the tracker's events
+      slurm/          `dsum submit`'s batch script and the job's logs: never deleted
+
+Anything else in `output_dir` is the user's, and dsum neither deletes nor changes it: `--overwrite`
+and `--resume auto` remove the entries above (but slurm/) and nothing more.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from dsum import distributed
+from dsum.config import RecipeError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_DIR = "tokenizer"
+BASE_DIR = "base"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+EVAL_DIR = "eval"
+TENSORBOARD_DIR = "tensorboard"
+SLURM_DIR = "slurm"
+MARKER = "COMPLETE"  # in a checkpoint: it was written whole
+STATE_FILE = "trainer_state.json"  # in a checkpoint: the step and the batch layout
+FINISHED = "finished"
+# What a run writes at the top of output_dir, partial files included: the only entries dsum deletes.
+RUN_ENTRIES = (RUN_FILE, RUN_FILE + ".tmp", METRICS_FILE, TOKENIZER_DIR, BASE_DIR, CHECKPOINTS, FINAL, FINAL + ".tmp",
+               EVAL_DIR, TENSORBOARD_DIR)
+
+
+def run_entries(output_dir: Path) -> list[Path]:
+    """What a run wrote into its directory and a new run replaces."""
+    return [output_dir / name for name in RUN_ENTRIES if (output_dir / name).exists()]
+
+
+def others_entries(output_dir: Path) -> list[Path]:
+    """What is in the directory that no run wrote: the user's files, and `dsum submit`'s."""
+    return [p for p in output_dir.iterdir() if p.name not in RUN_ENTRIES]
+
+
+def read_status(run_file: Path) -> str:
+    try:
+        return json.loads(run_file.read_text()).get("status", "unknown")
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINTS / f"step-{step:08d}"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def auto_resume(output_dir: Path) -> tuple[str | None, bool]:
+    """`--resume auto`: (resume, overwrite) for a run that may have started, stopped or finished.
+
+    Nothing there yet: start. A finished run: `FINISHED`, nothing to do. A complete checkpoint:
+    continue from the newest. A run that saved none: start it again (its entries alone replaced).
+    """
+    if not (output_dir / RUN_FILE).is_file():
+        return None, False
+    if read_status(output_dir / RUN_FILE) == FINISHED and (output_dir / FINAL).is_dir():
+        return FINISHED, False
+    if complete_checkpoints(output_dir):
+        return "latest", False
+    return None, True
+
+
+class Lock:
+    """output_dir held by one run: an exclusive `flock` on the directory itself (no file is made), which
+    the kernel drops when the process ends, however it ends."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True if this process holds the directory now (it is made if missing), False if another does."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.output_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(output_dir: Path, *, resuming: bool, overwrite: bool) -> Lock:
+    """Before a run writes into output_dir: hold it, refuse what may not be replaced, and with
+    `overwrite` delete the previous run's entries (`RUN_ENTRIES`, nothing else). Rank 0 holds the lock;
+    every rank reaches the same verdict before any rank writes. Release the lock when the run ends."""
+    lock = Lock(output_dir)
+    held = lock.acquire() if distributed.is_main() else True
+    if distributed.sum_all([not held])[0]:
+        raise RecipeError(f"output_dir {output_dir} is in use by another dsum run (it holds the directory's lock); "
+                          "wait for it to end, or choose another output_dir")
+    try:
+        problem = None if resuming else output_dir_problem(output_dir, overwrite)
+        distributed.barrier()
+        if problem:
+            raise RecipeError(problem)
+        if overwrite and not resuming and distributed.is_main():
+            for entry in run_entries(output_dir):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        distributed.barrier()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
+    """Why a new run may not start in output_dir, or None: a directory of someone else's files, or a run
+    there that the user has not asked to replace."""
+    if not output_dir.exists() or not [p for p in output_dir.iterdir() if p.name != SLURM_DIR]:
+        return None
+    run_file = output_dir / RUN_FILE
+    if not run_file.is_file():
+        return f"output_dir {output_dir} is not empty and holds no dsum run; choose another output_dir"
+    if overwrite:
+        return None
+    status = read_status(run_file)
+    if status == FINISHED:
+        hint = ""
+    elif complete_checkpoints(output_dir):
+        hint = "pass --resume latest to continue it, or "
+    else:  # stopped or crashed before its first checkpoint
+        hint = "it saved no checkpoint to resume from; "
+    return f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it"
