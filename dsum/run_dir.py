@@ -26,8 +26,10 @@ import os
 import shutil
 from pathlib import Path
 
+from typing import Any
+
 from dsum import distributed
-from dsum.config import RecipeError
+from dsum.config import Recipe, RecipeError, recipe_to_dict
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -41,6 +43,12 @@ SLURM_DIR = "slurm"
 MARKER = "COMPLETE"  # in a checkpoint: it was written whole
 STATE_FILE = "trainer_state.json"  # in a checkpoint: the step and the batch layout
 FINISHED = "finished"
+# What may change when a run resumes: how long it trains, how it logs, validates, saves and is tracked,
+# how it is compiled, the evaluation after it, and where it is. Anything else would mix two runs: a
+# checkpoint's optimizer, schedule and data order were made with its recipe.
+MAY_CHANGE_ON_RESUME = ("output_dir", "train.max_steps", "train.num_epochs", "train.logging_steps", "train.eval_steps",
+                        "train.eval_max_batches", "train.save_steps", "train.save_total_limit", "train.trackers",
+                        "train.compile", "eval")
 # What a run writes at the top of output_dir, partial files included: the only entries dsum deletes.
 RUN_ENTRIES = (RUN_FILE, RUN_FILE + ".tmp", METRICS_FILE, TOKENIZER_DIR, BASE_DIR, CHECKPOINTS, FINAL, FINAL + ".tmp",
                EVAL_DIR, TENSORBOARD_DIR)
@@ -165,3 +173,31 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     else:  # stopped or crashed before its first checkpoint
         hint = "it saved no checkpoint to resume from; "
     return f"output_dir {output_dir} already holds a {status} run; {hint}pass --overwrite to replace it"
+
+
+def check_resumed_recipe(saved: dict[str, Any], recipe: Recipe, checkpoint: Path) -> None:
+    """A resumed run trains on with the recipe its checkpoint was made with (`trainer_state.json` keeps it):
+    refuse a change outside MAY_CHANGE_ON_RESUME, naming the key. Checkpoints from before dsum kept the
+    recipe are taken as they are."""
+    if "recipe" not in saved:
+        return
+    before, now = flat(saved["recipe"]), flat(recipe_to_dict(recipe))
+    for key in dict.fromkeys([*now, *before]):
+        allowed = any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME)
+        if not allowed and before.get(key) != now.get(key):
+            raise RecipeError(f"--resume {checkpoint}: {key} is {now.get(key)!r} here, but the checkpoint trained with "
+                              f"{before.get(key)!r}; a resumed run keeps its recipe, so resume without changing it, "
+                              "or start a new run (--overwrite, or another output_dir). What may change on resume: "
+                              "train.max_steps and num_epochs, the logging, validation, saving and tracker settings, "
+                              "train.compile, eval.* and output_dir")
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A recipe as dotted keys: {"train.learning_rate": 1e-4, "model.architecture.num_layers": 2, ...}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -22,7 +22,7 @@ import torch
 from dsum import checkpoint, cpu_speed, distributed, faults, run_dir, sizing
 from dsum.batching import BatchPlan, training_plan
 from dsum.compiling import CompiledBlocks
-from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed
+from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed, recipe_to_dict
 from dsum.data import Example, load_split
 from dsum.features import Collator, Featurizer, MicroBatch, feature_tokens
 from dsum.generate import check_generation
@@ -75,6 +75,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     train_examples = load_split(recipe.data, recipe.data.train_split)
     val_examples = load_split(recipe.data, recipe.data.validation_split)
     resume_from = checkpoint.verified(checkpoint.resolve_resume(output_dir, resume)) if resume is not None else None
+    resumed = checkpoint.saved_state(resume_from) if resume_from is not None else {}
+    run_dir.check_resumed_recipe(resumed, recipe, resume_from)
     # Held from here to the end: one run in a directory at a time; a new run replaces only a run's entries.
     closing.enter_context(run_dir.claim(output_dir, resuming=resume_from is not None, overwrite=overwrite))
     run = closing.enter_context(RunInfo(output_dir, recipe, accelerator, world_size))  # an error: status failed
@@ -118,8 +120,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             print(f"train.packing: attention through {attention}, which keeps packed examples apart without a "
                   "row x row mask", flush=True)
     lengths = [feature_tokens(f, recipe.model.family) for f in train_features]
-    budget = token_budget(recipe, accelerator, model, token_loss, collate, train_features, lengths,
-                          checkpoint.saved_state(resume_from) if resume_from is not None else {})
+    budget = token_budget(recipe, accelerator, model, token_loss, collate, train_features, lengths, resumed)
     plan = training_plan(cfg, lengths, world_size, rank, max_tokens=budget)
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     optimizer = build_optimizer(cfg, model, accelerator.device)
@@ -245,7 +246,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             if saving:
                 guard.check(run)  # never save weights a non-finite loss has reached
                 checkpoint.save_checkpoint(accelerator, output_dir,
-                                           trainer_state(step, plan, window_log, guard.skipped), cfg.save_total_limit)
+                                           trainer_state(step, plan, recipe, window_log, guard.skipped),
+                                           cfg.save_total_limit)
             aside = time.perf_counter() - aside_from
             last_log += aside  # the next logged rates count training time alone
             set_aside += aside
@@ -258,8 +260,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         restore_attention(accelerator.unwrap_model(model))  # generation takes transformers' own
     guard.check(run)
     if step < total_steps:  # stopped by a signal
-        stop_after_signal(accelerator, output_dir, trainer_state(step, plan, window_log, guard.skipped), cfg, run,
-                          stop.received)
+        stop_after_signal(accelerator, output_dir, trainer_state(step, plan, recipe, window_log, guard.skipped), cfg,
+                          run, stop.received)
 
     # ---- save ------------------------------------------------------------------------------
     closing.enter_context(eager(compiled))  # validation and generation from here on
@@ -567,8 +569,10 @@ class NonFiniteGuard:
                            "train.on_nonfinite_loss=skip to skip such steps")
 
 
-def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = None, skipped: int = 0) -> dict[str, Any]:
-    """What a checkpoint records besides the weights: the step, the batch layout it needs, the log window."""
+def trainer_state(step: int, plan: BatchPlan, recipe: Recipe | None = None, window_log: LogWindow | None = None,
+                  skipped: int = 0) -> dict[str, Any]:
+    """What a checkpoint records besides the weights: the step, the batch layout it needs, the log window,
+    and the recipe it trained with (`run_dir.check_resumed_recipe`)."""
     # The settings that shape the layout come first, so a mismatch names the one that moved.
     budget = {"max_tokens_per_batch": plan.max_tokens} if plan.max_tokens is not None else {}  # older checkpoints: none
     if plan.max_tokens is not None and plan.multiple != 1:  # rounded lengths cut the budget's batches elsewhere
@@ -585,7 +589,7 @@ def trainer_state(step: int, plan: BatchPlan, window_log: LogWindow | None = Non
     }
     if window_log is None:
         return layout
-    return {**layout, "log_window": window_log.totals(), "skipped_steps": skipped}
+    return {**layout, "log_window": window_log.totals(), "skipped_steps": skipped, "recipe": recipe_to_dict(recipe)}
 
 
 def check_resumable(state: dict[str, Any], plan: BatchPlan) -> None:

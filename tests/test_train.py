@@ -83,6 +83,32 @@ def test_resume_continues_at_the_exact_batch(tmp_path):
     assert_same_weights(tmp_path / "straight", resumed, atol=1e-6)
 
 
+@pytest.mark.parametrize("change", ["train.learning_rate=1e-2", "model.architecture.num_layers=3",
+                                    "train.label_smoothing=0.1", "tokenizer.max_source_length=200"])
+def test_a_resume_that_would_change_the_run_is_refused_naming_the_key(tmp_path, change):
+    """The checkpoint keeps the recipe it trained with; a resume with another learning rate or architecture
+    would train on with the checkpoint's state under a recipe it does not follow. Nothing is written."""
+    out = tmp_path / "run"
+    train(tiny("t5-full", out, "train.max_steps=4", "train.save_steps=2"))
+    shutil.rmtree(out / "final")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    key, value = change.split("=")
+    with pytest.raises(RecipeError, match=rf"--resume .*step-00000002: {key} is .* here, but the checkpoint trained "
+                                          r"with .*; a resumed run keeps its recipe"):
+        train(tiny("t5-full", out, "train.max_steps=4", "train.save_steps=2", change), resume="latest")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_may_train_longer_and_log_and_evaluate_otherwise(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("t5-full", out, "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"))
+    shutil.rmtree(out / "final")
+    train(tiny("t5-full", out, "train.max_steps=6", "train.save_steps=3", "train.logging_steps=2",
+               "eval.after_training=true", "eval.max_new_tokens=4", "train.trackers=[]"), resume="latest")
+    assert [r["step"] for r in metric_rows(out)] == [1, 2, 4, 6]  # the first run's to its checkpoint, then every 2
+    assert json.loads((out / "run.json").read_text())["total_steps"] == 6 and (out / "eval" / "metrics.json").is_file()
+
+
 def test_qlora_adapter_reloads_onto_the_saved_base_and_generates_the_same(tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -289,7 +315,7 @@ def test_token_budget_batches_train_resume_exactly_and_log_their_progress(tmp_pa
     train(tiny("t5-full", saved, *common, "train.save_steps=3"), resume="latest")
     assert losses(saved) == pytest.approx(losses(straight), abs=1e-6)
     assert_same_weights(straight, saved, atol=1e-6)
-    with pytest.raises(RecipeError, match="made with max_tokens_per_batch=600, this run has 700"):
+    with pytest.raises(RecipeError, match="train.max_tokens_per_batch is 700 here, but the checkpoint trained with 600"):
         train(tiny("t5-full", saved, *[c.replace("=600", "=700") for c in common]), resume=str(
             saved / "checkpoints" / "step-00000003"))
 
