@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from dsum.config import DataConfig, Recipe, RecipeError, apply_override, validate_recipe
+from dsum.config import DataConfig, Recipe, RecipeError, apply_override, read_yaml, validate_recipe
 from dsum.distributed import tell_deepspeed_the_device
 from dsum.profiling import Schedule, StepProfiler, brief
 from dsum.run_info import source_checkout
@@ -405,15 +405,13 @@ def train_bench_tokenizer(examples: list, sizes: Sizes, directory: Path, out: Pa
 
 def recipe_settings(spec: ModelSpec) -> dict[str, Any]:
     """The spec's recipe settings as a raw mapping (a recipes/ file as written, so defaults stay defaults)."""
-    import yaml
-
     if isinstance(spec.recipe, dict):
         return copy.deepcopy(spec.recipe)
     path = RECIPES / spec.recipe
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe; dsum bench takes the {spec.name} settings from the "
                           "repository's recipes/ directory")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return read_yaml(path, "recipe")
 
 
 def bench_recipe(spec: ModelSpec, sizes: Sizes, *, model_source: dict[str, Any], tokenizer_dir: Path, data_dir: Path,

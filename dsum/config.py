@@ -8,6 +8,7 @@ the package restates a default: it reads it from the validated `Recipe`.
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -29,6 +30,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def home_expanded(value: Any) -> Any:
+    """`~/x` and `~user/x` as the shell would give them, for every setting that may be a local path (the
+    Hub's ids never start with ~)."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -45,6 +52,8 @@ class ModelConfig(Section):
     dtype: Dtype = Field("float32", description="dtype the base weights are loaded in")
     trust_remote_code: bool = False
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None lets transformers choose")
+
+    _paths = field_validator("name_or_path", "architecture")(home_expanded)
 
     @field_validator("attn_implementation")
     @classmethod
@@ -75,6 +84,8 @@ class TokenizerConfig(Section):
     max_source_length: int = Field(512, gt=0, description="token budget of the prompt; the dialogue is cut to fit")
     max_target_length: int = Field(128, gt=0, description="token budget of the summary; its end is cut to fit")
 
+    _paths = field_validator("name_or_path")(home_expanded)
+
 
 class SyntheticConfig(Section):
     train_size: int = Field(2000, gt=0)
@@ -94,6 +105,8 @@ class DataConfig(Section):
     validation_split: str = "validation"
     max_train_samples: int | None = Field(None, gt=0)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    _paths = field_validator("source")(home_expanded)
 
 
 TEMPLATE_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -230,6 +243,8 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str
 
+    _paths = field_validator("output_dir")(home_expanded)
+
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
         family = self.model.family
@@ -276,20 +291,67 @@ class Recipe(Section):
 # Loading, overriding and explaining errors
 
 
+MAX_ALIASES = 32  # a recipe shares a few values at most; a few lines of nested aliases can expand to gigabytes
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml's safe loader (no Python tags), which also refuses a key given twice in one mapping (yaml
+    would keep the second silently) and more than MAX_ALIASES aliases."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name), which can expand without bound",
+                    self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):  # unhashable keys: yaml's own error follows
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text read by `StrictLoader` (yaml.safe_load with the refusals above)."""
+    loader = StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file, read by `StrictLoader`; a file that does not read is one line naming it and where."""
+    try:
+        return parse_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "it is not valid YAML"
+        raise RecipeError(f"{what} {path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{what} {path}: not UTF-8 text") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, and validate the result."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "it is not valid YAML"
-        raise RecipeError(f"recipe {path}: malformed YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"recipe {path}: not UTF-8 text") from None
+    raw = read_yaml(path, "recipe")
     if raw is None:
         raise RecipeError(f"recipe {path}: the file is empty; expected a mapping with at least model and output_dir")
     if not isinstance(raw, dict):
@@ -360,7 +422,7 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
     if _accepts_plain_string(annotation) and not text.startswith(("[", "{")) and text not in ("null", "~"):
         return text
     try:
-        return yaml.safe_load(text) if text else None
+        return parse_yaml(text) if text else None
     except yaml.YAMLError:
         raise RecipeError(f"override {key!r}: cannot parse value {text!r}") from None
 

@@ -40,6 +40,7 @@ import torch
 from dsum import cpu_speed, distributed, faults
 from dsum.config import EvalConfig, Recipe, RecipeError, RunError
 from dsum.data import Example
+from dsum.data.sources import text_lines
 from dsum.features import Featurizer, pad
 from dsum.preemption import Stopped, StopSignals
 
@@ -68,7 +69,7 @@ def read_partial(partial_dir: Path) -> dict[str, Prediction]:
     """Predictions already written by an earlier, interrupted evaluation (any number of ranks)."""
     done: dict[str, Prediction] = {}
     for path in sorted(partial_dir.glob("rank-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text_lines(path.read_text(encoding="utf-8")):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dsum.config import RecipeError
+from dsum.data.sources import text_lines
 from dsum.scoring import BOOTSTRAP_SAMPLES, ROUGE_KEYS, rouge_from_matrix, score_matrix
 
 
@@ -39,7 +40,7 @@ def find_run(path: Path) -> RunResult:
         raise RecipeError(f"{path}: neither a run with eval/metrics.json nor an evaluation directory "
                           "(metrics.json and predictions.jsonl)")
     run_dir = eval_dir.parent if eval_dir.name == "eval" else eval_dir
-    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in text_lines((eval_dir / "predictions.jsonl").read_text(encoding="utf-8"))]
     metrics_log = run_dir / "metrics.jsonl"
     losses = [json.loads(line) for line in metrics_log.read_text().splitlines()] if metrics_log.is_file() else []
     # Scored again from the predictions, so that every run is measured by this version's contract.

@@ -19,6 +19,7 @@ from typing import Any
 
 from dsum import distributed
 from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
+from dsum.data.sources import text_lines
 from dsum.run_dir import METRICS_FILE, RUN_FILE, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class MetricsLog:
             output_dir.mkdir(parents=True, exist_ok=True)
             kept = []
             if keep_through_step and self.path.is_file():
-                kept = [line for line in self.path.read_text().splitlines()
+                kept = [line for line in text_lines(self.path.read_text())
                         if line.strip() and json.loads(line)["step"] <= keep_through_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dsum.config import RecipeError
-from dsum.data.sources import SPLIT_FORMATS, RawSplit, decode, read_table
+from dsum.data.sources import SPLIT_FORMATS, RawSplit, decode, read_table, text_lines
 
 _NUMBERED = re.compile(r"summary(\d+)")
 
@@ -23,7 +23,7 @@ def read_rows(path: Path, text_field: str) -> RawSplit:
     if path.suffix == ".txt":
         if not path.is_file():
             raise RecipeError(f"{path}: no such file")
-        lines = decode(path).splitlines()
+        lines = text_lines(decode(path))
         return RawSplit([{text_field: line} for line in lines], [text_field], where=str(path))
     if path.suffix not in SPLIT_FORMATS:
         raise RecipeError(f"{path}: expected a .jsonl, .csv, .parquet or .txt file")
@@ -56,6 +56,7 @@ def load_pairs(predictions: Path, references: Path | None, prediction_field: str
                           f"{', '.join(map(repr, preds.columns))}")
     refs = preds if references is None else read_rows(references, (reference_field or ["reference"])[0])
     fields = reference_fields(refs, reference_field or (["reference"] if refs.where.endswith(".txt") else None))
+    check_one_prediction_per_id(preds, id_field or "id")
     texts = [str(row.get(prediction_field) or "").strip() for row in preds.rows]
     ref_lists = [references_of(row, fields) for row in refs.rows]
     if references is not None:
@@ -69,6 +70,17 @@ def load_pairs(predictions: Path, references: Path | None, prediction_field: str
     if empty:
         raise RecipeError(f"{refs.where}: row {empty[0]} has no reference text in {', '.join(fields)}")
     return texts, ref_lists
+
+
+def check_one_prediction_per_id(preds: RawSplit, key: str) -> None:
+    """A dialogue predicted twice would be scored twice, and weigh twice in the means."""
+    if key not in preds.columns:
+        return
+    seen: set[str] = set()
+    for row in preds.rows:
+        if str(row[key]) in seen:
+            raise RecipeError(f"{preds.where}: id {str(row[key])!r} has more than one prediction; keep one per id")
+        seen.add(str(row[key]))
 
 
 def references_of(row: dict[str, Any], fields: Sequence[str]) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dsum.config import Recipe, RecipeError, check_deepspeed
+from dsum.config import Recipe, RecipeError, check_deepspeed, read_yaml
 from dsum.run_dir import RUN_FILE, SLURM_DIR, read_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,7 @@ class SubmitOptions:
 def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | None:
     """Print the script (dry run) or write it and submit it; returns the job id."""
     check_options(options)
+    check_script_text({"output_dir": recipe.output_dir, "the working directory": str(Path.cwd())})
     config = accelerate_config(options)
     check_recipe_fits(recipe, config)
     output_dir = Path(recipe.output_dir).resolve()
@@ -101,6 +102,21 @@ def check_options(o: SubmitOptions) -> None:
         raise RecipeError(f"--env-file {o.env_file}: no such file")
     if o.checkpoint is not None and o.job != "eval":
         raise RecipeError("--checkpoint: only for --job eval")
+    check_script_text({"--partition": o.partition, "--account": o.account, "--accelerate": o.accelerate,
+                       "--env-file": o.env_file, "--checkpoint": o.checkpoint,
+                       **{f"--sbatch {option!r}": option for option in o.sbatch_options}})
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_script_text(values: dict[str, object]) -> None:
+    """Every value that reaches the batch script is quoted there, but a line break would still end the
+    `#SBATCH` line or comment it sits in and start a command: control characters are refused."""
+    for name, value in values.items():
+        if value is not None and CONTROL.search(str(value)):
+            raise RecipeError(f"{name}: holds a control character ({CONTROL.search(str(value)).group()!r}), which "
+                              "would break the batch script's lines; give it without")
 
 
 @dataclass(frozen=True)
@@ -122,7 +138,7 @@ def accelerate_config(o: SubmitOptions) -> AccelerateConfig:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise RecipeError(f"--accelerate {name}: no such config; expected one of {known}, or a path to a YAML file")
-    return AccelerateConfig(path.resolve(), yaml.safe_load(path.read_text()) or {})
+    return AccelerateConfig(path.resolve(), read_yaml(path, "--accelerate") or {})
 
 
 def check_recipe_fits(recipe: Recipe, config: AccelerateConfig) -> None:

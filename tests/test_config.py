@@ -114,3 +114,16 @@ def test_bad_recipes_name_the_field(tmp_path, text, overrides, expected):
         load_recipe(write(tmp_path, text), overrides)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_home_directory_in_any_path_setting_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "t5-full.yaml", [
+        "output_dir=~/runs/x", "data.source=~/data", "tokenizer.train=false", "tokenizer.name_or_path=~/tokenizer",
+        "model.architecture=~/config.json"])
+    assert recipe.output_dir == str(tmp_path / "runs" / "x") and recipe.data.source == str(tmp_path / "data")
+    assert recipe.tokenizer.name_or_path == str(tmp_path / "tokenizer")
+    assert recipe.model.architecture == str(tmp_path / "config.json")
+    hub = load_recipe(ROOT / "recipes" / "flan-t5-base" / "full.yaml", ["model.name_or_path=~/flan"])
+    assert hub.model.name_or_path == str(tmp_path / "flan")
+    assert load_recipe(ROOT / "recipes" / "flan-t5-base" / "full.yaml").model.name_or_path == "google/flan-t5-base"

@@ -333,3 +333,18 @@ def test_path_like_source_that_does_not_exist(tmp_path):
     write_split(tmp_path, "train", ROWS)
     with pytest.raises(RecipeError, match="is a file"):
         load_split(DataConfig(source=str(tmp_path / "train.jsonl")), "train")
+
+
+def test_a_line_separator_inside_a_jsonl_string_is_text_not_a_line_break(tmp_path):
+    """JSON Lines ends a line at "\n" alone; U+2028 and U+2029 are legal inside a JSON string (and written
+    raw with ensure_ascii=False, as dsum's predictions.jsonl is), as is a form feed escaped."""
+    from dsum.config import DataConfig
+    from dsum.data import load_split
+
+    dialogue = "#Person1#: One\u2028two.\n#Person2#: Three\u2029four\x0c."
+    rows = [{"id": str(i), "dialogue": f"{dialogue} {i}", "summary": f"Summary {i}."} for i in range(3)]
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                                                  encoding="utf-8")
+    examples = load_split(DataConfig(source=str(tmp_path)), "test")
+    assert [e.dialogue for e in examples] == [r["dialogue"] for r in rows]

@@ -77,6 +77,11 @@ def predictions(ws: Path, rows: list[dict], name: str = "predictions.jsonl") -> 
     return str(path)
 
 
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def recipe_file(ws: Path, text: str) -> str:
     path = ws / "recipe.yaml"
     path.write_text(text)
@@ -88,6 +93,14 @@ CASES = [
     # The recipe file itself.
     ("malformed-yaml", lambda ws: ["validate", recipe_file(ws, "model: [unclosed\n")], "malformed YAML at line"),
     ("empty-recipe", lambda ws: ["validate", recipe_file(ws, "")], "the file is empty; expected a mapping"),
+    # A key given twice would silently take the second; nested aliases can expand to gigabytes.
+    ("a-section-given-twice", lambda ws: ["validate", recipe_file(ws, TINY + "train:\n  seed: 3\n")],
+     "'train' is given twice in one mapping"),
+    ("a-key-given-twice", lambda ws: ["validate", recipe_file(ws, TINY.replace("model:\n", "model:\n  family: causal\n", 1))],
+     "'family' is given twice in one mapping"),
+    ("an-alias-bomb", lambda ws: ["validate", recipe_file(ws, "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else 'x'}]\n" for i in range(6)) + TINY)],
+     "more than 32 aliases (*name), which can expand without bound"),
     ("recipe-is-a-list", lambda ws: ["validate", recipe_file(ws, "- model\n- train\n")],
      "expected a mapping of sections (model, train, ...), found a list"),
     ("unknown-key", lambda ws: ["validate", recipe_file(ws, TINY + "trainer:\n  seed: 1\n")],
@@ -181,6 +194,12 @@ CASES = [
      "1 predictions for 2 references"),
     ("score-missing-column", lambda ws: ["score", "--predictions", predictions(ws, [{"text": "a", "summary": "a"}])],
      "no column 'prediction' (--prediction-field)"),
+    ("score-a-repeated-id", lambda ws: ["score", "--predictions", predictions(
+        ws, [{"id": "d1", "prediction": "a", "summary": "a"}, {"id": "d1", "prediction": "a", "summary": "a"}])],
+     "id 'd1' has more than one prediction; keep one per id"),
+    ("score-a-bare-nan", lambda ws: ["score", "--predictions", str(write(ws / "nan.jsonl",
+                                                                        '{"prediction": NaN, "summary": "a"}\n'))],
+     "nan.jsonl, line 1: not valid JSON (NaN is not JSON)"),
     # Runs, checkpoints, launch.
     ("finished-output-dir", lambda ws: ["train", recipe_file(ws, TINY), f"output_dir={finished_run(ws)}"],
      "already holds a finished run; pass --overwrite to replace it"),
@@ -209,6 +228,16 @@ CASES = [
      "--accelerate zero9: no such config; expected one of"),
     ("submit-without-sbatch", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1"],
      "sbatch is not on PATH"),
+    # A line break in what reaches the batch script would end an #SBATCH line or a comment and start a command.
+    ("submit-a-partition-with-a-line-break", lambda ws: [
+        "submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1", "--partition",
+        f"gpu\ntouch {ws / 'ran'}", "--dry-run"], "--partition: holds a control character ('\\n')"),
+    ("submit-an-sbatch-option-with-a-line-break", lambda ws: [
+        "submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1", "--sbatch=--mem=1G\rx",
+        "--dry-run"], "holds a control character ('\\r')"),
+    ("submit-an-output-dir-with-a-line-break", lambda ws: [
+        "submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1", f"output_dir={ws}/a\nb",
+        "--dry-run"], "output_dir: holds a control character ('\\n')"),
     ("bench-dsum-setting-the-other-ways-read", lambda ws: ["bench", "--workdir", str(ws / "bench"), "--dsum",
                                                           "train.learning_rate=1"],
      "--dsum train.learning_rate=1: expected KEY=VALUE, KEY one of train.group_by_length,"),

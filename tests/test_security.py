@@ -37,7 +37,12 @@ def test_a_recipe_cannot_run_python_through_yaml_tags(tmp_path):
 
 
 def test_the_package_reads_yaml_safely_and_loads_only_tensors_with_torch_load():
+    import yaml
+
+    from dsum.config import StrictLoader
+
     assert not calls("yaml.load") and not calls("yaml.unsafe_load") and not calls("yaml.full_load")
+    assert issubclass(StrictLoader, yaml.SafeLoader)  # dsum's own loader (config.parse_yaml) is a safe one
     loads = calls("torch.load")
     assert loads, "the RNG state is read with torch.load"
     for path, call in loads:

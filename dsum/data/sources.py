@@ -76,6 +76,23 @@ def decode(path: Path) -> str:
         raise RecipeError(f"{path}: not UTF-8 text (invalid byte at offset {err.start})") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """A text file's lines: split at "\n" alone ("\r\n" too), as files and JSON Lines define them, never at
+    the other breaks `str.splitlines()` knows (U+2028 inside a JSON string, a form feed in a dialogue)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def json_line(line: str) -> Any:
+    """One line of JSON Lines, strictly: NaN and Infinity are not JSON (Python's reader takes them)."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
 def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
     """Every key of every row, in order of first appearance."""
     return list(dict.fromkeys(key for row in rows for key in row))
@@ -83,13 +100,15 @@ def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows = []
-    for number, line in enumerate(decode(path).splitlines(), start=1):
+    for number, line in enumerate(text_lines(decode(path)), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_line(line)
         except json.JSONDecodeError as err:
             raise RecipeError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        except ValueError as err:
+            raise RecipeError(f"{path}, line {number}: not valid JSON ({err})") from None
         if not isinstance(row, dict):
             raise RecipeError(f"{path}, line {number}: expected a JSON object, found a {type(row).__name__}")
         rows.append(row)
