@@ -27,7 +27,11 @@ class RunError(RuntimeError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # No infinite or NaN settings: a learning rate or epoch count of .inf passes every bound and breaks later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+
+SEED = {"ge": 0, "lt": 2**32, "description": "0 to 2^32 - 1, what numpy's generator takes"}
 
 
 def home_expanded(value: Any) -> Any:
@@ -91,7 +95,7 @@ class SyntheticConfig(Section):
     train_size: int = Field(2000, gt=0)
     validation_size: int = Field(64, gt=0)
     test_size: int = Field(101, gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, **SEED)
 
 
 class DataConfig(Section):
@@ -186,7 +190,7 @@ class TrainConfig(Section):
                                                      "faster than PyTorch's bernoulli_, with the same "
                                                      "distribution (dsum/cpu_dropout.py); false: PyTorch's own")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    seed: int = 42
+    seed: int = Field(42, **SEED)
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="validation loss every N optimizer steps; None: only at the end")
     eval_max_batches: int | None = Field(None, gt=0, description="validation subset: at most N batches per rank")
@@ -465,7 +469,7 @@ def explain(errors: list[dict[str, Any]]) -> str:
     message = error.get("msg", "invalid value").replace("Value error, ", "")
     if kind == "value_error":
         return f"{key + ': ' if key else ''}{message}"
-    members = [e for e in errors if field_path(e.get("loc", ())) == loc and e.get("input") == given]
+    members = [e for e in errors if field_path(e.get("loc", ())) == loc and repr(e.get("input")) == repr(given)]
     expected = "; or ".join(dict.fromkeys(lower_first(e.get("msg", "invalid value")) for e in members))
     shown = given if not isinstance(given, (dict, list)) else type(given).__name__
     return f"{key}: got {shown!r}; {expected}"

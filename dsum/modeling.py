@@ -34,17 +34,21 @@ def auto_class(family: str):
 # Tokenizer
 
 
-def load_tokenizer(recipe: Recipe, output_dir: Path, corpus: Callable[[], Iterable[str]] | None = None):
-    """The recipe's tokenizer; a trained one is built from `corpus()` on first use and cached."""
+def load_tokenizer(recipe: Recipe, output_dir: Path, corpus: Callable[[], Iterable[str]] | None = None, *,
+                   cached: bool = True):
+    """The recipe's tokenizer. A trained one (tokenizer.train) is read from `<output_dir>/tokenizer/`
+    where `cached` and it is there; else it is trained from `corpus()`, on rank 0 and handed to the
+    others, and nothing is written: `save_tokenizer` does that once the run holds its directory."""
     from transformers import AutoTokenizer
 
     if recipe.tokenizer.train:
         cache = output_dir / TOKENIZER_DIR
-        if not (cache / "tokenizer.json").is_file():
-            if corpus is None:
-                raise RecipeError(f"tokenizer.train: no trained tokenizer in {cache}; train a run there first")
-            train_tokenizer(recipe, corpus()).save_pretrained(cache)
-        tokenizer = AutoTokenizer.from_pretrained(cache)
+        if cached and (cache / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(cache)
+        elif corpus is None:
+            raise RecipeError(f"tokenizer.train: no trained tokenizer in {cache}; train a run there first")
+        else:
+            tokenizer = shared_trained_tokenizer(recipe, corpus)
     else:
         source = recipe.tokenizer.name_or_path or recipe.model.name_or_path
         try:
@@ -57,6 +61,27 @@ def load_tokenizer(recipe: Recipe, output_dir: Path, corpus: Callable[[], Iterab
         # Llama-style tokenizers ship without a pad token; padding is masked, so any id will do.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def shared_trained_tokenizer(recipe: Recipe, corpus: Callable[[], Iterable[str]]):
+    """A tokenizer trained on rank 0, the same one on every rank."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from dsum import distributed
+
+    trained = train_tokenizer(recipe, corpus()).backend_tokenizer.to_str() if distributed.is_main() else None
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(distributed.gather_objects(trained)[0]),
+                                   **SPECIAL_TOKENS)
+
+
+def save_tokenizer(recipe: Recipe, tokenizer, output_dir: Path) -> None:
+    """A trained tokenizer into `<output_dir>/tokenizer/`, where evaluation and a resumed run read it."""
+    from dsum import distributed
+
+    cache = output_dir / TOKENIZER_DIR
+    if recipe.tokenizer.train and distributed.is_main() and not (cache / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(cache)
 
 
 def train_tokenizer(recipe: Recipe, texts: Iterable[str]):
@@ -100,10 +125,7 @@ def model_config(recipe: Recipe, tokenizer) -> Any:
     else:
         arch = m.architecture
         if isinstance(arch, str):
-            path = Path(arch)
-            if not path.is_file():
-                raise RecipeError(f"model.architecture: {arch}: no such config.json")
-            arch = json.loads(path.read_text())
+            arch = read_config_file(Path(arch))
         arch = dict(arch)
         from transformers import CONFIG_MAPPING
 
@@ -113,8 +135,9 @@ def model_config(recipe: Recipe, tokenizer) -> Any:
                               "model type such as t5 or llama")
         try:
             config = AutoConfig.for_model(model_type, **arch)
-        except ValueError as err:
-            raise RecipeError(f"model.architecture: {first_line(err)}") from None
+        except Exception as err:  # noqa: BLE001 - transformers' configs validate with errors of their own types
+            # huggingface_hub's strict dataclasses wrap the validator's own error, which says what is wrong.
+            raise RecipeError(f"model.architecture: {first_line(err.__cause__ or err)}") from None
         vocab = len(tokenizer)
         if getattr(config, "vocab_size", vocab) < vocab or "vocab_size" not in arch:
             config.vocab_size = vocab
@@ -125,6 +148,50 @@ def model_config(recipe: Recipe, tokenizer) -> Any:
             config.decoder_start_token_id = tokenizer.pad_token_id
     check_family(recipe, config)
     return config
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """model.architecture given as a path: a config.json, read whole."""
+    if path.is_dir():
+        raise RecipeError(f"model.architecture: {path} is a directory; expected the path of a config.json file")
+    if not path.is_file():
+        raise RecipeError(f"model.architecture: {path}: no such config.json")
+    try:
+        arch = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RecipeError(f"model.architecture: {path} is not a JSON config ({first_line(err)})") from None
+    if not isinstance(arch, dict) or "model_type" not in arch:
+        raise RecipeError(f"model.architecture: {path} holds no model_type; expected a transformers config.json")
+    return arch
+
+
+# A config's sizes that must be positive whole numbers wherever a model has them.
+DIMENSIONS = ("vocab_size", "hidden_size", "d_model", "d_ff", "d_kv", "intermediate_size", "num_layers",
+              "num_decoder_layers", "num_hidden_layers", "num_heads", "num_attention_heads", "num_key_value_heads",
+              "head_dim")
+
+
+def check_buildable(recipe: Recipe, config: Any) -> None:
+    """The architecture's sizes, then the model built on the meta device with its adapter, at no memory:
+    sizes a model cannot take (zero heads, heads that do not divide the width) and a LoRA target the
+    model lacks are refused before anything is written."""
+    field = "model.architecture" if recipe.model.architecture is not None else "model.name_or_path"
+    sizes = {name: getattr(config, name) for name in DIMENSIONS if getattr(config, name, None) is not None}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecipeError(f"{field}: {name} is {value!r}; expected a whole number of at least 1")
+    width, heads = sizes.get("hidden_size"), sizes.get("num_attention_heads")
+    if width and heads and "head_dim" not in sizes and width % heads:
+        raise RecipeError(f"{field}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    if heads and sizes.get("num_key_value_heads") and heads % sizes["num_key_value_heads"]:
+        raise RecipeError(f"{field}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                          f"{sizes['num_key_value_heads']}")
+    try:
+        meta_model(recipe, config)
+    except RecipeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a model's constructor raises what its code raises
+        raise RecipeError(f"{field}: the model cannot be built from it ({type(err).__name__}: {first_line(err)})") from None
 
 
 def config_family(config: Any) -> str:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
 from typing import Any
 
 from dsum import distributed
@@ -129,6 +128,17 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_writable(output_dir: Path) -> None:
+    """output_dir is a directory dsum can write in, or one it can make: its nearest existing part is one."""
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"cannot be made: {existing} is a file"
+        raise RecipeError(f"output_dir {output_dir} {where}; expected a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == output_dir else f" (in {existing})"
+        raise RecipeError(f"output_dir {output_dir}: no permission to write there{where}; choose another output_dir")
 
 
 def claim(output_dir: Path, *, resuming: bool, overwrite: bool) -> Lock:

@@ -28,8 +28,9 @@ from dsum.features import Collator, Featurizer, MicroBatch, feature_tokens
 from dsum.generate import check_generation
 from dsum.loss import TokenLoss
 from dsum.preemption import StopSignals, Stopped
-from dsum.modeling import (check_packing, describe_parameters, load_model, load_tokenizer, logits_for_targets_only,
-                           materialize_base, model_config, restore_attention, training_attention)
+from dsum.modeling import (check_buildable, check_packing, describe_parameters, load_model, load_tokenizer,
+                           logits_for_targets_only, materialize_base, model_config, restore_attention, save_tokenizer,
+                           training_attention)
 from dsum.profiling import StepProfiler
 from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info
 from dsum.telemetry import FlopCounter, StepClock, device_peak_flops, reset_gpu_peaks
@@ -71,21 +72,17 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     cpu_speed.start_run(accelerator.device)
     reset_gpu_peaks(accelerator.device)
     rank, world_size = distributed.rank(), distributed.world_size()
-    # Everything the user named is read and checked before anything is written.
+    # ---- everything the user named, read and checked before anything is written ----------------
     train_examples = load_split(recipe.data, recipe.data.train_split)
     val_examples = load_split(recipe.data, recipe.data.validation_split)
+    if recipe.eval.after_training:  # a split that is not there is found now, not after training
+        load_split(recipe.data, recipe.eval.split)
     resume_from = checkpoint.verified(checkpoint.resolve_resume(output_dir, resume)) if resume is not None else None
     resumed = checkpoint.saved_state(resume_from) if resume_from is not None else {}
     run_dir.check_resumed_recipe(resumed, recipe, resume_from)
-    # Held from here to the end: one run in a directory at a time; a new run replaces only a run's entries.
-    closing.enter_context(run_dir.claim(output_dir, resuming=resume_from is not None, overwrite=overwrite))
-    run = closing.enter_context(RunInfo(output_dir, recipe, accelerator, world_size))  # an error: status failed
-    run.start(resumed_from=str(resume_from) if resume_from else None, **run_tags)
-    set_seed(cfg.seed)
-
-    # ---- tokenizer, features ---------------------------------------------------------------
-    with distributed.main_first():
-        tokenizer = load_tokenizer(recipe, output_dir, corpus=lambda: corpus(train_examples))
+    run_dir.check_writable(output_dir)
+    # A new run trains its own tokenizer; a resumed one reads the one its run trained.
+    tokenizer = load_tokenizer(recipe, output_dir, corpus=lambda: corpus(train_examples), cached=resume_from is not None)
     featurizer = Featurizer(recipe, tokenizer)
     train_features = featurizer.training_features(train_examples)
     truncation = featurizer.stats.as_dict()
@@ -95,6 +92,14 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     val_features = Featurizer(recipe, tokenizer).training_features(val_examples)
     config = model_config(recipe, tokenizer)
     check_packing(recipe, config)
+    check_buildable(recipe, config)
+
+    # ---- the output directory: held from here to the end, one run in it at a time ------------------
+    closing.enter_context(run_dir.claim(output_dir, resuming=resume_from is not None, overwrite=overwrite))
+    run = closing.enter_context(RunInfo(output_dir, recipe, accelerator, world_size))  # an error: status failed
+    run.start(resumed_from=str(resume_from) if resume_from else None, **run_tags)
+    save_tokenizer(recipe, tokenizer, output_dir)
+    set_seed(cfg.seed)
 
     # ---- model, optimizer, schedule --------------------------------------------------------
     source: str | Path | None = recipe.model.name_or_path

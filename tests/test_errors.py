@@ -200,6 +200,37 @@ CASES = [
     ("score-a-bare-nan", lambda ws: ["score", "--predictions", str(write(ws / "nan.jsonl",
                                                                         '{"prediction": NaN, "summary": "a"}\n'))],
      "nan.jsonl, line 1: not valid JSON (NaN is not JSON)"),
+    # Found while setting up, and refused before the run writes anything (run.json, tokenizer/, base/).
+    ("train-prompt-budget-too-small", lambda ws: ["train", recipe_file(ws, TINY), "tokenizer.max_source_length=5"],
+     "tokenizer.max_source_length: 5 tokens leave no room for the dialogue"),
+    ("train-lora-target-the-model-lacks", lambda ws: ["train", recipe_file(ws, TINY), "adapter.target_modules=[nope]"],
+     "adapter.target_modules: "),
+    ("train-architecture-a-directory", lambda ws: ["train", recipe_file(ws, TINY), f"model.architecture={ws}"],
+     "is a directory; expected the path of a config.json file"),
+    ("train-architecture-broken-json", lambda ws: ["train", recipe_file(ws, TINY),
+                                                   "model.architecture=" + str(write(ws / "config.json", '{"model_type": '))],
+     "config.json is not a JSON config"),
+    ("train-zero-heads", lambda ws: ["train", recipe_file(ws, TINY), "model.architecture.num_heads=0"],
+     "model.architecture: num_heads is 0; expected a whole number of at least 1"),
+    ("train-heads-that-do-not-divide-the-width", lambda ws: [
+        "train", str(ROOT / "recipes" / "tiny" / "llama-lora.yaml"), "model.architecture.hidden_size=130"],
+     "model.architecture: The hidden size (130) is not a multiple of the number of attention heads (4)"),
+    ("train-a-size-of-the-wrong-type", lambda ws: ["train", recipe_file(ws, TINY), "model.architecture.d_kv=2.5"],
+     "model.architecture: Field 'd_kv' expected int, got float"),
+    ("train-an-evaluation-split-that-is-not-there", lambda ws: ["train", recipe_file(ws, TINY), "eval.after_training=true",
+                                                                "eval.split=tset"],
+     "the synthetic source has no split 'tset'"),
+    ("train-output-dir-a-file", lambda ws: ["train", recipe_file(ws, TINY), f"output_dir={write(ws / 'out', 'x')}"],
+     "out is a file; expected a directory"),
+    ("train-output-dir-under-a-file", lambda ws: ["train", recipe_file(ws, TINY),
+                                                  f"output_dir={write(ws / 'out', 'x')}/run"],
+     "cannot be made:"),
+    ("an-infinite-learning-rate", lambda ws: ["validate", recipe_file(ws, TINY), "train.learning_rate=.inf"],
+     "train.learning_rate: got inf; input should be a finite number"),
+    ("a-negative-seed", lambda ws: ["validate", recipe_file(ws, TINY), "train.seed=-1"],
+     "train.seed: got -1; input should be greater than or equal to 0"),
+    ("a-fifteen-digit-seed", lambda ws: ["validate", recipe_file(ws, TINY), "train.seed=123456789012345"],
+     "train.seed: got 123456789012345; input should be less than 4294967296"),
     # Runs, checkpoints, launch.
     ("finished-output-dir", lambda ws: ["train", recipe_file(ws, TINY), f"output_dir={finished_run(ws)}"],
      "already holds a finished run; pass --overwrite to replace it"),
@@ -284,7 +315,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, monkeypatch, capsys, make_ar
 
 
 def test_the_catalogue_is_long_enough():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 70
 
 
 def test_a_hub_model_out_of_reach_says_how_to_fail_at_once(monkeypatch):
