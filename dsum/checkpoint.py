@@ -20,8 +20,8 @@ import torch
 
 from dsum import distributed, faults
 from dsum.config import RecipeError, RunError
-from dsum.run_dir import (CHECKPOINTS, FINAL, MARKER, STATE_FILE, checkpoint_path,
-                           complete_checkpoints)
+from dsum.run_dir import (CHECKPOINTS, FINAL, MARKER, STATE_FILE, checkpoint_path, complete_checkpoints,
+                           write_failure, written)
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """The checkpoint that `--resume latest` or `--resume PATH` names."""
@@ -39,18 +39,87 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
 
 
 def verified(path: Path) -> Path:
-    """The checkpoint, once its state file parses and its safetensors files are whole; else a clear error."""
-    from safetensors import SafetensorError, safe_open
-
+    """The checkpoint, once every file a resume will read is there and whole; else one line naming the
+    file, before anything is written. The COMPLETE marker lists each file and its size (checkpoints
+    from before it did are checked by their contents alone); a JSON file must parse, a safetensors
+    file hold every byte its header promises, a torch file (optimizer, scheduler, RNG state) open as
+    the zip archive torch writes, and no file be empty."""
+    for name, size in listed_files(path).items():
+        file = path / name
+        if not file.is_file():
+            damaged(path, f"{name} is missing")
+        if file.stat().st_size != size:
+            damaged(path, f"{name} holds {file.stat().st_size:,} bytes, {size:,} when it was saved")
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
+        problem = file_problem(file)
+        if problem:
+            damaged(path, f"{file.relative_to(path)} {problem}")
     try:
         int(json.loads((path / STATE_FILE).read_text())["global_step"])
-        for weights in path.rglob("*.safetensors"):
-            with safe_open(str(weights), framework="pt") as f:
-                f.keys()
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        raise RecipeError(f"--resume {path}: the checkpoint is damaged ({short(err)}); "
-                          "resume from an earlier one with --resume PATH") from None
+    except (KeyError, TypeError, ValueError):
+        damaged(path, f"{STATE_FILE} holds no global_step")
     return path
+
+
+def damaged(path: Path, why: str):
+    raise RecipeError(f"--resume {path}: the checkpoint is damaged ({why}); resume from an earlier one with "
+                      "--resume PATH")
+
+
+def manifest(directory: Path) -> dict[str, int]:
+    """Every file of a checkpoint and its size in bytes, by its path within the checkpoint."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def listed_files(path: Path) -> dict[str, int]:
+    """The files the COMPLETE marker lists; none where it is empty (written before it listed them)."""
+    text = (path / MARKER).read_text().strip()
+    if not text:
+        return {}
+    try:
+        listed = json.loads(text)
+    except ValueError:
+        listed = None
+    if not isinstance(listed, dict):
+        damaged(path, f"{MARKER} is not the list of files it should be")
+    return listed
+
+
+def file_problem(file: Path) -> str | None:
+    """What is wrong with one checkpoint file, judged by its kind, or None."""
+    import zipfile
+
+    size = file.stat().st_size
+    if size == 0:
+        return "is empty"
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return "is not valid JSON"
+    elif file.suffix == ".safetensors":
+        return safetensors_problem(file, size)
+    elif file.suffix in (".bin", ".pt", ".pth", ".pkl"):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "is cut short, or not a file torch saved"
+    return None
+
+
+def safetensors_problem(file: Path, size: int) -> str | None:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the tensors' bytes."""
+    with file.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        try:
+            tensors = json.loads(f.read(length)) if 8 + length <= size else None
+        except (ValueError, UnicodeDecodeError):
+            tensors = None
+    if not isinstance(tensors, dict):
+        return "has no readable safetensors header"
+    end = max((t["data_offsets"][1] for name, t in tensors.items() if name != "__metadata__"), default=0)
+    return f"is cut short: {size:,} bytes of {8 + length + end:,}" if size < 8 + length + end else None
 
 
 def saved_state(path: Path) -> dict[str, Any]:
@@ -81,18 +150,18 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: 
         torch.save(rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
         if distributed.is_main():
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - a full disk raises OSError, safetensors its own error
         error = err
     (failed,) = distributed.sum_all([error is not None])
     if failed:
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(output_dir)
-        why = f"{error.strerror or error}" if error is not None else "a write error on another rank"
+        why = write_failure(error) if error is not None else "a write error on another rank"
         previous = f"the last complete checkpoint, {kept[-1].name}, is intact" if kept else "no earlier checkpoint"
         raise RunError(f"could not save the checkpoint of step {state['global_step']} in {tmp.parent}: {why}; {previous}")
     if distributed.is_main():
-        (tmp / MARKER).write_text("")
+        (tmp / MARKER).write_text(json.dumps(manifest(tmp), indent=1) + "\n")  # what a resume checks is there
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_checkpoints(output_dir)[:-keep]:
@@ -141,11 +210,8 @@ def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
     final = output_dir / FINAL
     state_dict = accelerator.get_state_dict(model)  # every rank takes part: ZeRO-3 gathers here
     if distributed.is_main():
-        tmp = final.with_name(FINAL + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with written(final, "final/") as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)  # safetensors
+            tokenizer.save_pretrained(tmp)
     distributed.barrier()
     return final

@@ -16,7 +16,7 @@ import torch
 
 from dsum import prompts
 from dsum.config import Recipe, RecipeError
-from dsum.run_dir import BASE_DIR, TOKENIZER_DIR
+from dsum.run_dir import BASE_DIR, TOKENIZER_DIR, written
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def save_tokenizer(recipe: Recipe, tokenizer, output_dir: Path) -> None:
 
     cache = output_dir / TOKENIZER_DIR
     if recipe.tokenizer.train and distributed.is_main() and not (cache / "tokenizer.json").is_file():
-        tokenizer.save_pretrained(cache)
+        with written(cache, "the trained tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
 
 
 def train_tokenizer(recipe: Recipe, texts: Iterable[str]):
@@ -278,7 +279,8 @@ def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
     if not (base / "config.json").is_file():
         set_seed(recipe.train.seed)
         model = auto_class(recipe.model.family).from_config(config, dtype=torch_dtype(recipe.model.dtype))
-        model.save_pretrained(base)
+        with written(base, "the random-init base") as tmp:
+            model.save_pretrained(tmp)
     return base
 
 

@@ -24,11 +24,12 @@ import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dsum import distributed
-from dsum.config import Recipe, RecipeError, recipe_to_dict
+from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -49,8 +50,8 @@ MAY_CHANGE_ON_RESUME = ("output_dir", "train.max_steps", "train.num_epochs", "tr
                         "train.eval_max_batches", "train.save_steps", "train.save_total_limit", "train.trackers",
                         "train.compile", "eval")
 # What a run writes at the top of output_dir, partial files included: the only entries dsum deletes.
-RUN_ENTRIES = (RUN_FILE, RUN_FILE + ".tmp", METRICS_FILE, TOKENIZER_DIR, BASE_DIR, CHECKPOINTS, FINAL, FINAL + ".tmp",
-               EVAL_DIR, TENSORBOARD_DIR)
+RUN_ENTRIES = (RUN_FILE, RUN_FILE + ".tmp", METRICS_FILE, TOKENIZER_DIR, TOKENIZER_DIR + ".tmp", BASE_DIR,
+               BASE_DIR + ".tmp", CHECKPOINTS, FINAL, FINAL + ".tmp", EVAL_DIR, TENSORBOARD_DIR)
 
 
 def run_entries(output_dir: Path) -> list[Path]:
@@ -96,6 +97,30 @@ def auto_resume(output_dir: Path) -> tuple[str | None, bool]:
     if complete_checkpoints(output_dir):
         return "latest", False
     return None, True
+
+
+@contextmanager
+def written(target: Path, what: str) -> Iterator[Path]:
+    """`target` (a directory) written whole or not at all: the block writes into `target.tmp`, which is
+    renamed over `target` when it ends. Any failure on the way (a full disk raises OSError, safetensors
+    raises its own error) removes the partial directory and ends the run with one line."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except Exception as err:  # noqa: BLE001 - whatever a writer raises, the partial directory goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"could not write {what} in {target.parent}: {write_failure(err)}") from None
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in a few words: the system's reason for an OSError, else the error's first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 class Lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,3 +171,99 @@ def test_one_run_at_a_time_holds_the_directory_until_its_process_ends(tmp_path):
     started = run_dsum("train", RECIPE, *SETTINGS, "train.max_steps=1", f"output_dir={out}")
     assert started.returncode == 0, started.stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def a_checkpoint(tmp_path_factory) -> Path:
+    """One complete checkpoint of a tiny full fine-tuning run (step 2 of 4), for each damage to start from."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    result = run_dsum("train", str(ROOT / "recipes" / "tiny" / "t5-full.yaml"), *SETTINGS, "train.max_steps=4",
+                      "train.save_steps=2", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.rmtree(out / "final")
+    return out
+
+
+def cut(file: Path, keep: float) -> None:
+    file.write_bytes(file.read_bytes()[: int(file.stat().st_size * keep)])
+
+
+DAMAGES = {  # what happens to a file of the checkpoint, and what the one line then says of it
+    "model-deleted": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors is missing"),
+    "model-cut-short": (lambda c: cut(c / "model.safetensors", 0.5), "model.safetensors holds"),
+    "optimizer-cut-short": (lambda c: cut(c / "optimizer.bin", 0.9), "optimizer.bin holds"),
+    "rng-state-cut-short": (lambda c: cut(c / "rng_state_0.pt", 0.5), "rng_state_0.pt holds"),
+    "scheduler-emptied": (lambda c: (c / "scheduler.bin").write_bytes(b""), "scheduler.bin holds 0 bytes"),
+    "marker-garbled": (lambda c: (c / "COMPLETE").write_text("{"), "COMPLETE is not the list of files"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_is_refused_before_anything_is_written(a_checkpoint, tmp_path, damage):
+    """A resume reads every file of the checkpoint; a file missing, cut short or emptied is named in one line
+    (exit status 2) before the run writes anything: run.json stays as the interrupted run left it."""
+    import shutil as sh
+
+    out = tmp_path / "run"
+    sh.copytree(a_checkpoint, out)
+    harm, said = DAMAGES[damage]
+    harm(out / "checkpoints" / "step-00000002")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_dsum("train", str(ROOT / "recipes" / "tiny" / "t5-full.yaml"), *SETTINGS, "train.max_steps=4",
+                      "train.save_steps=2", f"output_dir={out}", "--resume", "latest")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("dsum: error: --resume ") and "the checkpoint is damaged" in line and said in line, line
+    assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_from_before_the_marker_listed_files_is_still_checked_by_its_contents(a_checkpoint, tmp_path):
+    import shutil as sh
+
+    out = tmp_path / "run"
+    sh.copytree(a_checkpoint, out)
+    step = out / "checkpoints" / "step-00000002"
+    (step / "COMPLETE").write_text("")  # as checkpoints were written before
+    cut(step / "model.safetensors", 0.5)
+    result = run_dsum("train", str(ROOT / "recipes" / "tiny" / "t5-full.yaml"), *SETTINGS, "train.max_steps=4",
+                      "train.save_steps=2", f"output_dir={out}", "--resume", "latest")
+    assert result.returncode == 2 and "model.safetensors is cut short" in result.stderr.splitlines()[-1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of a few MB, mounted for the test (a tmpfs: it needs root, as CI has)."""
+    mounts = []
+
+    def mount(megabytes: int) -> Path:
+        where = tmp_path / f"disk-{megabytes}m"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"a real full disk needs a tmpfs mount, which this machine refused ({done.stderr.strip()}); "
+                        "the injected write errors above still run")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.parametrize("megabytes, what", [(2, "the random-init base"), (6, "the checkpoint of step 1")])
+def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_files(small_disk, megabytes, what):
+    """A real full disk: the base (3.3 MB) does not fit in 2 MB, a checkpoint (10 MB) not in 6 MB. Whatever
+    raises the error (the system, safetensors, torch), the run stops with exit status 1 and one line, marks
+    itself failed, and leaves no half-written directory."""
+    out = small_disk(megabytes) / "run"
+    result = run_dsum("train", str(ROOT / "recipes" / "tiny" / "t5-full.yaml"), *SETTINGS, "train.max_steps=2",
+                      "train.save_steps=1", f"output_dir={out}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("dsum: error: could not ") and what in line, line
+    assert "Traceback" not in result.stderr
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and what in run["failure"]
