@@ -28,6 +28,7 @@ from dsum.preemption import Stopped
 
 EXIT_USAGE = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return report(f"dsum: error: {err}", EXIT_USAGE)
     except RunError as err:  # the run cannot go on; what was saved is kept
         return report(f"dsum: error: {err}", EXIT_RUN_FAILED)
-    except Stopped as stopped:  # SIGUSR1 / SIGTERM: progress is saved, and the same command continues
+    except Stopped as stopped:  # SIGUSR1 / SIGTERM / Ctrl-C: progress is saved, and the same command continues
         from dsum import distributed
 
         return report(f"dsum: {stopped}", 0) if distributed.is_main() else 0
+    except KeyboardInterrupt:  # Ctrl-C twice, or outside a run's steps: what was saved stays
+        return report("dsum: interrupted; what was saved before stays (a run continues with --resume latest)",
+                      EXIT_INTERRUPTED)
 
 
 def report(message: str, status: int) -> int:
@@ -320,7 +324,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow this one
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers.modeling_utils"):
+    # bitsandbytes warns, offline, that it cannot fetch optional kernels from a hub; it runs without them.
+    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers.modeling_utils", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

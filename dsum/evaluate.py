@@ -139,6 +139,9 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
     """
     from accelerate import Accelerator
 
+    from dsum.modeling import warn_of_remote_code
+
+    warn_of_remote_code(recipe)
     output_dir = output_dir or Path(recipe.output_dir) / "eval"
     if (output_dir / METRICS_FILE).is_file() and not overwrite:
         if skip_finished:

@@ -5,8 +5,11 @@
     DSUM_FAULT=train.loss:nan@6            the loss of optimizer step 6 becomes NaN
     DSUM_FAULT=train.step:kill@7           SIGKILL right after optimizer step 7
     DSUM_FAULT=generate.batch:kill@3       SIGKILL after the third generation batch is written
+    DSUM_FAULT=generate.batch:term@2       SIGTERM (as SLURM preempts) after the second generation batch
+    DSUM_FAULT=train.step:int@3            SIGINT (Ctrl-C) right after optimizer step 3
 
-A fault names a point in the code, an action (`kill`, `oserror` or `nan`) and, optionally, the step.
+A fault names a point in the code, an action (`kill`, `term`, `int`, `oserror` or `nan`) and,
+optionally, the step.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import os
 import signal
 
 ENV = "DSUM_FAULT"
-ACTIONS = ("kill", "oserror", "nan")
+ACTIONS = ("kill", "term", "int", "oserror", "nan")
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 
 def point(name: str, step: int | None = None) -> None:
-    """Kill this process, or raise an OSError, if the environment names this point (and step)."""
+    """Signal this process, or raise an OSError, if the environment names this point (and step)."""
     action = armed(name, step)
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if action in SIGNALS:
+        os.kill(os.getpid(), SIGNALS[action])
     if action == "oserror":
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {ENV})")
 

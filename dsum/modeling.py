@@ -34,6 +34,13 @@ def auto_class(family: str):
 # Tokenizer
 
 
+def warn_of_remote_code(recipe: Recipe) -> None:
+    """Said before anything is loaded, so before any of the model's own code runs."""
+    if recipe.model.trust_remote_code:
+        source = recipe.model.name_or_path or recipe.tokenizer.name_or_path or "the model"
+        log.warning("model.trust_remote_code is true: code shipped with %s will run on this machine", source)
+
+
 def load_tokenizer(recipe: Recipe, output_dir: Path, corpus: Callable[[], Iterable[str]] | None = None, *,
                    cached: bool = True):
     """The recipe's tokenizer. A trained one (tokenizer.train) is read from `<output_dir>/tokenizer/`
@@ -296,8 +303,6 @@ def load_model(recipe: Recipe, source: str | Path, *, for_training: bool = True,
         kwargs["attn_implementation"] = attention or recipe.model.attn_implementation
     if recipe.adapter.method == "qlora":
         kwargs["quantization_config"] = bnb_config(recipe)
-    if recipe.model.trust_remote_code:
-        log.warning("model.trust_remote_code is true: code shipped with %s will run on this machine", source)
     try:
         model = auto_class(recipe.model.family).from_pretrained(source, **kwargs)
     except OSError as err:

@@ -1,9 +1,11 @@
-"""Stop cleanly on SIGUSR1 or SIGTERM: finish the current step, save, exit, resume later.
+"""Stop cleanly on SIGUSR1, SIGTERM or Ctrl-C: finish the current step, save, exit, resume later.
 
 SLURM sends SIGUSR1 some time before a job's limit (`--signal=USR1@SECONDS`) and SIGTERM when it
-preempts or cancels one. The handler only records the signal; the training loop and the generator
-ask `requested()` at their step boundaries, and every rank votes in the all-reduce they already make,
-so all ranks stop at the same step even when the signal reached only some of them.
+preempts or cancels one; a person at the terminal presses Ctrl-C (SIGINT). The handler only records
+the signal; the training loop and the generator vote at their step boundaries, in the all-reduce
+they already make, so all ranks stop at the same step even when the signal reached only some of
+them. A second Ctrl-C does not wait: it interrupts at once (KeyboardInterrupt), and the command
+ends in one line.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import signal
 import threading
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Stopped(Exception):
@@ -20,7 +22,7 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """Record SIGUSR1 and SIGTERM while the block runs; restore the previous handlers after it."""
+    """Record SIGUSR1, SIGTERM and SIGINT while the block runs; restore the previous handlers after it."""
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -38,6 +40,8 @@ class StopSignals:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         # Only record: printing here could re-enter a write the signal interrupted.
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt  # Ctrl-C twice: the person will not wait for the step to end
         self.received = self.received or signal.Signals(signum).name
 
     def vote(self) -> int:

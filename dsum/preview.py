@@ -20,6 +20,11 @@ def describe_recipe(recipe: Recipe, world_size: int) -> str:
 
     lines = ["# resolved recipe", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip(), "", "# run"]
     examples = load_split(recipe.data, recipe.data.train_split)
+    if recipe.model.trust_remote_code:  # its tokenizer and config may be the model's own code: never run here
+        lines += describe_plan(recipe, examples, None, world_size)
+        lines.append("parameters and example: not available here: dsum validate never runs a model's own code "
+                     "(model.trust_remote_code is true)")
+        return "\n".join(lines)
     try:
         if recipe.tokenizer.train:  # trained in memory here; `dsum train` caches it in the output directory
             tokenizer = train_tokenizer(recipe, (t for e in examples for t in (e.dialogue, *e.references)))

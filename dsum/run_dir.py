@@ -43,6 +43,7 @@ SLURM_DIR = "slurm"
 MARKER = "COMPLETE"  # in a checkpoint: it was written whole
 STATE_FILE = "trainer_state.json"  # in a checkpoint: the step and the batch layout
 FINISHED = "finished"
+EVALUATE = "evaluate"  # `--resume auto` of a run that trained and saved final/, but did not finish evaluating
 # What may change when a run resumes: how long it trains, how it logs, validates, saves and is tracked,
 # how it is compiled, the evaluation after it, and where it is. Anything else would mix two runs: a
 # checkpoint's optimizer, schedule and data order were made with its recipe.
@@ -62,6 +63,21 @@ def run_entries(output_dir: Path) -> list[Path]:
 def others_entries(output_dir: Path) -> list[Path]:
     """What is in the directory that no run wrote: the user's files, and `dsum submit`'s."""
     return [p for p in output_dir.iterdir() if p.name not in RUN_ENTRIES]
+
+
+def only_evaluation_left(output_dir: Path) -> bool:
+    """A run that trained and saved final/, and stopped or was killed before it finished evaluating."""
+    info = read_run(output_dir)
+    return bool(info.get("trained")) and info.get("status") != FINISHED and (output_dir / FINAL).is_dir()
+
+
+def read_run(output_dir: Path) -> dict[str, Any]:
+    """run.json's contents, or {} where it does not read."""
+    try:
+        info = json.loads((output_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def read_status(run_file: Path) -> str:
@@ -87,13 +103,17 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 def auto_resume(output_dir: Path) -> tuple[str | None, bool]:
     """`--resume auto`: (resume, overwrite) for a run that may have started, stopped or finished.
 
-    Nothing there yet: start. A finished run: `FINISHED`, nothing to do. A complete checkpoint:
-    continue from the newest. A run that saved none: start it again (its entries alone replaced).
+    Nothing there yet: start. A finished run: `FINISHED`, nothing to do. A run that saved `final/` and
+    stopped in its evaluation: `EVALUATE`, the evaluation alone (its predictions so far kept). A complete
+    checkpoint: continue from the newest. A run that saved none: start it again (its entries alone
+    replaced).
     """
     if not (output_dir / RUN_FILE).is_file():
         return None, False
     if read_status(output_dir / RUN_FILE) == FINISHED and (output_dir / FINAL).is_dir():
         return FINISHED, False
+    if only_evaluation_left(output_dir):
+        return EVALUATE, False
     if complete_checkpoints(output_dir):
         return "latest", False
     return None, True
@@ -203,6 +223,8 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     status = read_status(run_file)
     if status == FINISHED:
         hint = ""
+    elif only_evaluation_left(output_dir):
+        hint = "it trained but did not finish its evaluation: pass --resume latest to finish that, or "
     elif complete_checkpoints(output_dir):
         hint = "pass --resume latest to continue it, or "
     else:  # stopped or crashed before its first checkpoint

@@ -80,6 +80,17 @@ class RunInfo:
             tmp.replace(self.path)
 
 
+def mark_finished(output_dir: Path) -> None:
+    """A run whose evaluation was finished apart (`dsum train --resume auto` after a stop while evaluating)."""
+    if distributed.is_main():
+        path = output_dir / RUN_FILE
+        info = {**json.loads(path.read_text()), "status": "finished", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+        tmp.replace(path)
+    distributed.barrier()
+
+
 def one_line(error: BaseException) -> str:
     """dsum's own errors as the command prints them; others with their type, as a traceback ends."""
     lines = str(error).strip().splitlines()

@@ -30,9 +30,9 @@ from dsum.loss import TokenLoss
 from dsum.preemption import StopSignals, Stopped
 from dsum.modeling import (check_buildable, check_packing, describe_parameters, load_model, load_tokenizer,
                            logits_for_targets_only, materialize_base, model_config, restore_attention, save_tokenizer,
-                           training_attention)
+                           training_attention, warn_of_remote_code)
 from dsum.profiling import StepProfiler
-from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info
+from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info, mark_finished
 from dsum.telemetry import FlopCounter, StepClock, device_peak_flops, reset_gpu_peaks
 
 
@@ -55,11 +55,14 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     output_dir = Path(recipe.output_dir)
     cfg = recipe.train
+    warn_of_remote_code(recipe)
     if resume == "auto":  # what a requeued job runs: continue, start, or see that it is done
         resume, overwrite = run_dir.auto_resume(output_dir)
         if resume == run_dir.FINISHED:
             print(f"{output_dir} already holds a finished run; nothing to do", flush=True)
             return output_dir / run_dir.FINAL
+    if resume in ("latest", run_dir.EVALUATE) and run_dir.only_evaluation_left(output_dir):
+        return finish_evaluation(recipe, output_dir)  # trained and saved final/: only the evaluation is left
 
     # ---- set up: launch, output directory, seed -------------------------------------------
     accelerator = Accelerator(
@@ -274,15 +277,23 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
     trackers.log(record, step)
     final = checkpoint.save_final(accelerator, model, tokenizer, output_dir)
+    # Trained: a stop or a kill from here on leaves the evaluation alone to do (run_dir.auto_resume).
+    run.update(trained=True, steps=step, seconds=time.perf_counter() - started,
+               validation_loss=record["validation_loss"], skipped_steps=guard.skipped,
+               telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size)
+               | ({"compiled_graphs": compiled.graphs} if compiled is not None else {}))
     if recipe.eval.after_training:
         from dsum.evaluate import evaluate
 
-        evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                 output_dir=output_dir / run_dir.EVAL_DIR, accelerator=accelerator, model_source=str(final.resolve()))
-    run.finish(steps=step, seconds=time.perf_counter() - started, validation_loss=record["validation_loss"],
-               skipped_steps=guard.skipped,
-               telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size)
-               | ({"compiled_graphs": compiled.graphs} if compiled is not None else {}))
+        try:
+            evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                     output_dir=output_dir / run_dir.EVAL_DIR, accelerator=accelerator,
+                     model_source=str(final.resolve()), stop=stop)
+        except Stopped:
+            run.update(status="stopped", stopped_by=stop.received or "a signal to another process",
+                       stopped_in="evaluation")
+            raise
+    run.finish()
     trackers.finish()
     accelerator.end_training()
     return final
@@ -290,6 +301,22 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
+
+
+def finish_evaluation(recipe: Recipe, output_dir: Path) -> Path:
+    """A run that trained and saved final/ but stopped or was killed while evaluating: the evaluation
+    alone, its predictions so far kept (dsum eval's resume), then the run is finished."""
+    from dsum.evaluate import run_eval
+
+    final = output_dir / run_dir.FINAL
+    if distributed.is_main():
+        print(f"{output_dir} holds a trained run whose evaluation did not finish; evaluating {final}", flush=True)
+    with run_dir.claim(output_dir, resuming=True, overwrite=False):
+        if recipe.eval.after_training:
+            run_eval(recipe, checkpoint=final, output_dir=output_dir / run_dir.EVAL_DIR, overwrite=False,
+                     skip_finished=True)
+        mark_finished(output_dir)
+    return final
 
 
 def stop_after_signal(accelerator, output_dir: Path, state: dict[str, Any], cfg: TrainConfig, run: RunInfo,

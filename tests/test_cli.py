@@ -159,3 +159,15 @@ def test_a_users_own_malloc_settings_are_left_alone(monkeypatch, variable, value
     monkeypatch.undo()  # conftest's stand-in: this is the real one, which sets nothing here
     monkeypatch.setenv(variable, value)
     assert cpu_speed.keep_freed_host_memory() is False
+
+
+def test_a_qlora_run_offline_prints_no_library_chatter_about_kernel_hubs(tmp_path):
+    """bitsandbytes warns, offline, that it cannot fetch optional kernels; it runs without them, and the
+    warning says nothing a dsum user can act on."""
+    result = subprocess.run([sys.executable, "-m", "dsum", "train", str(ROOT / "recipes" / "tiny" / "t5-qlora.yaml"),
+                             "train.max_steps=1", "data.synthetic.train_size=16", "data.synthetic.validation_size=4",
+                             "tokenizer.vocab_size=300", f"output_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "kernels-community" not in result.stderr and "pip install kernels" not in result.stderr

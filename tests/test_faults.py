@@ -252,14 +252,15 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(where)], check=False)
 
 
-@pytest.mark.parametrize("megabytes, what", [(2, "the random-init base"), (6, "the checkpoint of step 1")])
-def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_files(small_disk, megabytes, what):
-    """A real full disk: the base (3.3 MB) does not fit in 2 MB, a checkpoint (10 MB) not in 6 MB. Whatever
-    raises the error (the system, safetensors, torch), the run stops with exit status 1 and one line, marks
-    itself failed, and leaves no half-written directory."""
+@pytest.mark.parametrize("megabytes, saves, what", [(2, 1, "the random-init base"), (6, 1, "the checkpoint of step 1"),
+                                                     (5, 0, "final/")])
+def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_files(small_disk, megabytes, saves, what):
+    """A real full disk: the base (3.3 MB) does not fit in 2 MB, a checkpoint (10 MB) not in 6 MB, the base
+    and final/ not both in 5 MB. Whatever raises the error (the system, safetensors, torch), the run stops
+    with exit status 1 and one line, marks itself failed, and leaves no half-written directory."""
     out = small_disk(megabytes) / "run"
     result = run_dsum("train", str(ROOT / "recipes" / "tiny" / "t5-full.yaml"), *SETTINGS, "train.max_steps=2",
-                      "train.save_steps=1", f"output_dir={out}")
+                      f"train.save_steps={saves or 'null'}", f"output_dir={out}")
     assert result.returncode == 1, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("dsum: error: could not ") and what in line, line
@@ -267,3 +268,22 @@ def test_a_full_disk_ends_the_run_in_one_line_and_leaves_no_partial_files(small_
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "failed" and what in run["failure"]
+
+
+def test_a_kill_while_evaluating_after_training_resumes_the_evaluation_not_the_training(tmp_path):
+    """SIGKILL after the first generation batch at the end of `dsum train` (run.json still says running):
+    `--resume auto`, as a requeued job runs, finishes the evaluation from the predictions kept, and trains
+    nothing again."""
+    out = tmp_path / "run"
+    settings = [*SETTINGS, "train.max_steps=4", "eval.after_training=true", "data.synthetic.test_size=6",
+                f"output_dir={out}"]
+    killed = dsum("train", RECIPE, *settings, fault="generate.batch:kill@1")
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    trained = (out / "metrics.jsonl").read_bytes()
+    resumed = run_dsum("train", RECIPE, *settings, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "evaluation did not finish; evaluating" in resumed.stdout
+    assert (out / "metrics.jsonl").read_bytes() == trained
+    assert json.loads((out / "eval" / "metrics.json").read_text())["n"] == 6
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

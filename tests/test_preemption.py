@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -40,8 +41,9 @@ def signal_when(run: Path, signum: int, at_step: int) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_at_the_step_boundary_and_resume_auto_finishes_identically(tmp_path, signum):
+    """SLURM's warning (SIGUSR1), its preemption (SIGTERM) and a person's Ctrl-C (SIGINT) alike."""
     straight = tmp_path / "straight"
     train(tiny("t5-lora", straight, *COMMON))
 
@@ -80,9 +82,10 @@ def test_resume_auto_starts_a_run_next_to_the_slurm_logs_and_restarts_one_that_s
     (run / "slurm" / "job.out").write_text("log of the job that is running now\n")
     train(tiny("t5-lora", run, "train.max_steps=2"), resume="auto")
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
-    # A run killed before its first checkpoint starts over; the job's logs stay.
+    # A run killed before its first checkpoint (so before final/) starts over; the job's logs stay.
     info = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    (run / "run.json").write_text(json.dumps({**info, "status": "running", "trained": False}))
+    shutil.rmtree(run / "final")
     train(tiny("t5-lora", run, "train.max_steps=3"), resume="auto")
     assert [step for step, _ in losses(run)] == [1, 2, 3]
     assert (run / "slurm" / "job.out").read_text() == "log of the job that is running now\n"
@@ -146,3 +149,53 @@ def test_a_signal_stops_an_evaluation_after_its_batch_and_the_rerun_generates_on
     assert again["rouge1"] == whole["rouge1"]
     # A requeued evaluation that finds it finished does nothing.
     assert run_eval(recipe, checkpoint=final, output_dir=out, overwrite=False, skip_finished=True) is None
+
+
+EVALUATING = ["train.max_steps=4", "train.save_steps=2", "eval.after_training=true", "data.synthetic.test_size=6",
+              "eval.batch_size=2", "eval.max_new_tokens=6"]
+
+
+def test_a_stop_while_evaluating_keeps_the_training_and_resume_auto_only_evaluates(tmp_path, monkeypatch):
+    """SIGTERM after the first of three generation batches at the end of `dsum train`: the run stops within
+    a batch, saying so, with final/ and the predictions so far kept. `--resume auto` (a requeued job) then
+    generates the rest and finishes the run, without training again."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("DSUM_FAULT", "generate.batch:term@1")
+    with pytest.raises(Stopped, match="stopped on SIGTERM after 1 of 3 batches"):
+        train(tiny("t5-lora", run, *EVALUATING))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "stopped" and info["stopped_in"] == "evaluation" and info["trained"] is True
+    assert (run / "final" / "adapter_model.safetensors").is_file() and not (run / "eval" / "metrics.json").exists()
+    assert len((run / "eval" / "partial" / "rank-0.jsonl").read_text().splitlines()) == 2
+    trained = {p: p.read_bytes() for p in [run / "metrics.jsonl", *sorted((run / "final").iterdir())]}
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    monkeypatch.delenv("DSUM_FAULT")
+    train(tiny("t5-lora", run, *EVALUATING), resume="auto")
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert json.loads((run / "eval" / "metrics.json").read_text())["n"] == 6
+    assert {p: p.read_bytes() for p in trained} == trained  # not trained again
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+
+
+def test_ctrl_c_twice_interrupts_at_once_and_the_command_says_so_in_one_line(tmp_path, monkeypatch):
+    from conftest import ROOT, run_dsum
+    from dsum.preemption import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: recorded, the run stops at its next step
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+            time.sleep(1)
+
+    import dsum.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dsum.train, "train", interrupted)
+    result = run_dsum("train", str(ROOT / "recipes" / "tiny" / "t5-lora.yaml"), f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines() == ["dsum: interrupted; what was saved before stays (a run continues "
+                                                  "with --resume latest)"]

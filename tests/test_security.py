@@ -4,12 +4,13 @@ when asked), safetensors for weights, `torch.load` only for tensors, no secrets 
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, tiny
+from conftest import ROOT, run_dsum, tiny
 from dsum.config import load_recipe
 from dsum.train import train
 
@@ -77,3 +78,44 @@ def test_weights_are_safetensors_and_secrets_stay_out_of_what_a_run_writes(tmp_p
     assert "model.safetensors" in final and not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in final)
     checkpoint = next((run / "checkpoints").iterdir())
     assert (checkpoint / "model.safetensors").is_file()
+
+
+OWN_CODE = """import os
+import sys
+
+print("THE MODEL'S OWN CODE RAN", file=sys.stderr, flush=True)
+open(os.environ["DSUM_TEST_MARKER"], "w").close()
+
+from transformers import T5Config
+
+
+class MineConfig(T5Config):
+    model_type = "mine"
+"""
+
+
+def test_a_models_own_code_never_runs_in_validate_and_runs_in_train_only_after_the_warning(tmp_path):
+    """A local model whose config is its own code (auto_map): `dsum validate` never runs it, whatever the
+    recipe says; `dsum train` with model.trust_remote_code warns before any of it runs."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "configuration_mine.py").write_text(OWN_CODE)
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "mine", "auto_map": {"AutoConfig": "configuration_mine.MineConfig"}, "d_model": 32, "d_ff": 64,
+        "d_kv": 8, "num_heads": 2, "num_layers": 1, "vocab_size": 300, "is_encoder_decoder": True}))
+    marker = tmp_path / "ran"
+    args = [str(ROOT / "recipes" / "tiny" / "t5-full.yaml"), "model.architecture=null", f"model.name_or_path={model}",
+            "model.trust_remote_code=true", "tokenizer.train=true", "data.synthetic.train_size=16",
+            f"output_dir={tmp_path / 'run'}"]
+    env = {"DSUM_TEST_MARKER": str(marker), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    validated = run_dsum("validate", *args, env=env)
+    assert validated.returncode == 0, validated.stderr[-2000:]
+    assert "dsum validate never runs a model's own code" in validated.stdout and not marker.exists()
+    # A process of its own: what the person sees, in the order the command writes it.
+    import os
+
+    trained = subprocess.run([sys.executable, "-m", "dsum", "train", *args], capture_output=True, text=True,
+                             timeout=300, check=False, env={**os.environ, **env})
+    assert marker.exists()  # it ran, as the recipe allows (and then the model has no class to train)
+    stderr = trained.stderr
+    assert stderr.index("model.trust_remote_code is true: code shipped with") < stderr.index("THE MODEL'S OWN CODE RAN")
