@@ -31,6 +31,9 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             for sig in STOP_SIGNALS:
+                # A shell starts a background job with Ctrl-C ignored, so that it reaches the foreground alone.
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
 

@@ -41,14 +41,24 @@ def signal_when(run: Path, signum: int, at_step: int) -> threading.Thread:
     return thread
 
 
+@pytest.fixture
+def ctrl_c_reaches_this_process():
+    """Ctrl-C as it is in a terminal's foreground: not ignored, as a shell leaves it for a background job."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_at_the_step_boundary_and_resume_auto_finishes_identically(tmp_path, signum):
+def test_a_signal_saves_at_the_step_boundary_and_resume_auto_finishes_identically(tmp_path, signum,
+                                                                                   ctrl_c_reaches_this_process):
     """SLURM's warning (SIGUSR1), its preemption (SIGTERM) and a person's Ctrl-C (SIGINT) alike."""
     straight = tmp_path / "straight"
     train(tiny("t5-lora", straight, *COMMON))
 
     run = tmp_path / "stopped"
     recipe = tiny("t5-lora", run, *COMMON)
+    handler = signal.getsignal(signum)
     watcher = signal_when(run, signum, at_step=4)
     with pytest.raises(Stopped, match=f"stopped on {signal.Signals(signum).name} at step"):
         train(recipe, resume="auto")
@@ -59,8 +69,8 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_auto_finishes_identicall
     assert 4 <= stopped_at < 48
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{stopped_at:08d}"]
     assert not (run / "final").exists()
-    # The default handlers are back once the loop is over.
-    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)
+    # The handlers from before are back once the loop is over.
+    assert signal.getsignal(signum) == handler
 
     train(recipe, resume="auto")
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
@@ -178,7 +188,8 @@ def test_a_stop_while_evaluating_keeps_the_training_and_resume_auto_only_evaluat
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
 
 
-def test_ctrl_c_twice_interrupts_at_once_and_the_command_says_so_in_one_line(tmp_path, monkeypatch):
+def test_ctrl_c_twice_interrupts_at_once_and_the_command_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                            ctrl_c_reaches_this_process):
     from conftest import ROOT, run_dsum
     from dsum.preemption import StopSignals
 
@@ -199,3 +210,15 @@ def test_ctrl_c_twice_interrupts_at_once_and_the_command_says_so_in_one_line(tmp
     assert result.returncode == 130
     assert result.stderr.strip().splitlines() == ["dsum: interrupted; what was saved before stays (a run continues "
                                                   "with --resume latest)"]
+
+
+def test_a_background_job_that_ignores_ctrl_c_keeps_ignoring_it():
+    from dsum.preemption import StopSignals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and stop.received is None
+    finally:
+        signal.signal(signal.SIGINT, previous)
