@@ -761,10 +761,18 @@ class TrainSpeed:
 
 
 def token_counts(batch: dict, family: str) -> tuple[int, int]:
-    """(real, processed) tokens of a training batch, by dsum's own definitions (dsum.features)."""
-    from dsum.features import num_processed_tokens, num_real_tokens
+    """(real, processed) tokens of a padded training batch of the other ways, counted from its tensors as
+    dsum counts its own from their features (`MicroBatch`; the tests hold the two together): real, the
+    encoder's unmasked tokens and the decoder's targets, or a causal row's unmasked tokens; processed,
+    every position computed, padding included (a seq2seq decoder computes as many as the labels are wide)."""
+    from dsum.features import IGNORE_INDEX
 
-    return num_real_tokens(batch, family), num_processed_tokens(batch, family)
+    real = int(batch["attention_mask"].sum())
+    processed = batch["input_ids"].numel()
+    if family == "seq2seq":
+        real += int((batch["labels"] != IGNORE_INDEX).sum())
+        processed += batch["labels"].numel()
+    return real, processed
 
 
 def feature_real_tokens(features: Sequence, family: str) -> int:

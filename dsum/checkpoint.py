@@ -54,10 +54,11 @@ def verified(path: Path) -> Path:
         problem = file_problem(file)
         if problem:
             damaged(path, f"{file.relative_to(path)} {problem}")
-    try:
-        int(json.loads((path / STATE_FILE).read_text())["global_step"])
-    except (KeyError, TypeError, ValueError):
+    state = json.loads((path / STATE_FILE).read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         damaged(path, f"{STATE_FILE} holds no global_step")
+    if not isinstance(state.get("recipe", {}), dict):  # what the resume contract compares with
+        damaged(path, f"{STATE_FILE} holds a recipe that is not a mapping")
     return path
 
 

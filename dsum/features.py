@@ -245,28 +245,3 @@ def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) ->
     shifted[:, 0] = start_token_id
     shifted[:, 1:] = labels[:, :-1]
     return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
-
-
-def num_target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the loss is taken over (causal labels are shifted by one, so the first column never counts)."""
-    labels = batch["labels"] if "decoder_input_ids" in batch else batch["labels"][:, 1:]
-    return int((labels != IGNORE_INDEX).sum())
-
-
-def num_processed_tokens(batch: dict[str, torch.Tensor], family: str) -> int:
-    """Token positions the model computes, padding included (the denominator of padding efficiency):
-    the decoder of a seq2seq model computes as many as the labels are wide."""
-    processed = batch["input_ids"].numel()
-    if family == "seq2seq":
-        processed += batch["labels"].numel()
-    return processed
-
-
-def num_real_tokens(batch: dict[str, torch.Tensor], family: str) -> int:
-    """Non-padding tokens processed: encoder and decoder tokens for seq2seq, the one row for causal."""
-    if "attention_mask" not in batch:  # packed: no padding
-        return batch["input_ids"].numel()
-    real = int(batch["attention_mask"].sum())
-    if family == "seq2seq":
-        real += int((batch["labels"] != IGNORE_INDEX).sum())
-    return real

@@ -20,7 +20,7 @@ from typing import Any
 from dsum import distributed
 from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 from dsum.data.sources import text_lines
-from dsum.run_dir import METRICS_FILE, RUN_FILE, TENSORBOARD_DIR
+from dsum.run_dir import METRICS_FILE, RUN_FILE, TENSORBOARD_DIR, flat
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class Trackers:
             return
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-        config = flatten(recipe_to_dict(recipe))
+        config = {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+                  for key, value in flat(recipe_to_dict(recipe)).items()}
         for name in recipe.train.trackers:
             if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
                 log.warning("train.trackers: %s is not installed; skipping it", name)
@@ -146,17 +147,6 @@ class Trackers:
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-    return out
 
 
 def launch_info(accelerator) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from conftest import DIALOGSUM, ROOT, reset_accelerate_state
 from dsum import bench
 from dsum.cli import main
 from dsum.config import recipe_to_dict
-from dsum.features import Collator, Feature, num_processed_tokens, num_real_tokens
+from dsum.features import Collator, Feature
 from dsum.profiling import Schedule
 
 
@@ -296,17 +296,15 @@ def test_other_work_on_the_machine_is_what_marks_a_phase_busy():
 
 
 def test_token_counts_use_dsum_definitions():
-    """The notebook and no_trainer batches are counted as dsum counts its own."""
+    """The notebook and no_trainer batches are counted as dsum counts its own (MicroBatch)."""
     features = [Feature([5, 6, 7, 1], [8, 9, 1]), Feature([5, 1], [8, 9, 10, 11, 1])]
-    seq2seq = Collator(pad_token_id=0, decoder_start_token_id=0)(features)
-    assert bench.token_counts(seq2seq, "seq2seq") == (num_real_tokens(seq2seq, "seq2seq"),
-                                                      num_processed_tokens(seq2seq, "seq2seq"))
-    causal = Collator(pad_token_id=0)([Feature([3, 5, 6, 8, 1], [-100, -100, -100, 8, 1]), Feature([3, 5], [-100, 5])])
-    assert bench.token_counts(causal, "causal") == (num_real_tokens(causal, "causal"),
-                                                    num_processed_tokens(causal, "causal"))
-    assert bench.feature_real_tokens(features, "seq2seq") == num_real_tokens(seq2seq, "seq2seq")
+    seq2seq = Collator(pad_token_id=0, decoder_start_token_id=0).batch(features)
+    assert bench.token_counts(seq2seq.tensors, "seq2seq") == (seq2seq.real_tokens, seq2seq.processed_tokens) == (14, 18)
+    causal = Collator(pad_token_id=0).batch([Feature([3, 5, 6, 8, 1], [-100, -100, -100, 8, 1]), Feature([3, 5], [-100, 5])])
+    assert bench.token_counts(causal.tensors, "causal") == (causal.real_tokens, causal.processed_tokens) == (7, 10)
+    assert bench.feature_real_tokens(features, "seq2seq") == seq2seq.real_tokens
     rows = bench.notebook_dataset(features, "seq2seq", 0, bench.CPU_SIZES)
-    assert sum(bench.token_counts(bench.stack([r]), "seq2seq")[0] for r in rows) == num_real_tokens(seq2seq, "seq2seq")
+    assert sum(bench.token_counts(bench.stack([r]), "seq2seq")[0] for r in rows) == seq2seq.real_tokens
 
 
 def test_dsum_window_is_read_from_its_metrics(tmp_path):

@@ -195,7 +195,15 @@ DAMAGES = {  # what happens to a file of the checkpoint, and what the one line t
     "rng-state-cut-short": (lambda c: cut(c / "rng_state_0.pt", 0.5), "rng_state_0.pt holds"),
     "scheduler-emptied": (lambda c: (c / "scheduler.bin").write_bytes(b""), "scheduler.bin holds 0 bytes"),
     "marker-garbled": (lambda c: (c / "COMPLETE").write_text("{"), "COMPLETE is not the list of files"),
+    # A checkpoint from before COMPLETE listed its files, whose state holds a recipe that is no mapping.
+    "recipe-garbled-in-an-old-checkpoint": (lambda c: (garble_recipe(c), (c / "COMPLETE").write_text("")),
+                                            "trainer_state.json holds a recipe that is not a mapping"),
 }
+
+
+def garble_recipe(step: Path) -> None:
+    state = json.loads((step / "trainer_state.json").read_text())
+    (step / "trainer_state.json").write_text(json.dumps({**state, "recipe": "x"}))
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny
 from dsum.data import Example
-from dsum.features import IGNORE_INDEX, Collator, Featurizer, num_target_tokens
+from dsum.features import IGNORE_INDEX, Collator, Featurizer
 from dsum.modeling import train_tokenizer
 
 DIALOGUE = "#Person1#: Hello, I'd like to book a table for four on Friday.\n#Person2#: Certainly. What time?\n#Person1#: 7 pm."
@@ -125,7 +125,8 @@ def test_collator_pads_to_the_longest_row_only(tokenizers):
     assert (batch["labels"] == IGNORE_INDEX).sum().item() == sum(batch["labels"].shape[1] - len(f.labels) for f in features)
     assert batch["decoder_input_ids"][0, 0].item() == tok.pad_token_id
     assert batch["decoder_input_ids"][0, 1].item() == features[0].labels[0]
-    assert num_target_tokens(batch) == sum(len(f.labels) for f in features)
+    assert Collator(tok.pad_token_id, decoder_start_token_id=tok.pad_token_id).batch(features).targets == sum(
+        len(f.labels) for f in features)
 
 
 def test_few_shot_prompts_fit_the_budget_and_put_solved_examples_first(tokenizers):
@@ -212,3 +213,30 @@ def test_a_model_trained_with_flex_attention_generates_with_transformers_own(tok
     adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     restore_attention(adapted)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("multiple", [1, 64])
+def test_a_micro_batchs_counts_are_those_of_its_tensors(tokenizers, multiple):
+    """dsum counts its own batches on the host (MicroBatch); the tensors say the same, padded, packed and
+    rounded up to a multiple (the bench counts its other ways' padded batches from their tensors alike)."""
+    from dsum.bench import token_counts
+
+    for family, packings in (("t5", (False,)), ("llama", (False, True))):
+        recipe, tok = tokenizers[family]
+        featurizer = Featurizer(recipe, tok)
+        features = [featurizer.training_feature(Example(str(i), DIALOGUE[: 40 + 30 * i], [SUMMARY[: 20 + 9 * i]]))
+                    for i in range(3)]
+        seq2seq = family == "t5"
+        for packed in packings:
+            batch = Collator(tok.pad_token_id, tok.pad_token_id if seq2seq else None, packed=packed,
+                             multiple=multiple).batch(features)
+            tensors = batch.tensors
+            if packed:  # no attention mask: the row's real tokens are the examples', the rest its padded tail
+                assert batch.real_tokens == sum(len(f.input_ids) for f in features)
+                assert batch.processed_tokens == tensors["input_ids"].numel()
+            else:
+                assert (batch.real_tokens, batch.processed_tokens) == token_counts(tensors, "seq2seq" if seq2seq
+                                                                                   else "causal")
+            labels = tensors["labels"] if seq2seq else tensors["labels"][:, 1:]
+            assert batch.targets == int((labels != IGNORE_INDEX).sum())
+            assert tensors["input_ids"].shape[1] % multiple == 0
