@@ -647,20 +647,27 @@ def run_way(label: str, run, device: str, seed: int):
         result = run()
         if device == "cpu":
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            result.cpu_share = cpu / (wall * torch.get_num_threads())
-            if machine is not None:
-                others = machine_cpu_seconds() - machine - cpu
-                result.other_cpu_share = max(others, 0.0) / (wall * (os.cpu_count() or 1))
+            machine = None if machine is None else machine_cpu_seconds() - machine
+            result.cpu_share, result.other_cpu_share = cpu_shares(cpu, wall, machine, torch.get_num_threads(),
+                                                                  os.cpu_count() or 1)
         note(result.describe())
     free_memory()
     return result
 
 
-def machine_cpu_seconds() -> float | None:
+def cpu_shares(own: float, wall: float, machine: float | None, threads: int, cores: int) -> tuple[float, float | None]:
+    """(the share of its threads' time the way's process used, the share of the machine's cores that other
+    processes took meanwhile), from the CPU seconds of the process (`own`) and of every process (`machine`,
+    None where the system does not tell) over `wall` seconds."""
+    others = None if machine is None else max(machine - own, 0.0) / (wall * cores)
+    return own / (wall * threads), others
+
+
+def machine_cpu_seconds(stat: Path = Path("/proc/stat")) -> float | None:
     """CPU seconds every process has used since boot, and that the hypervisor has given to other
     machines (steal), from Linux's /proc/stat; None elsewhere."""
     try:
-        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        ticks = [int(t) for t in stat.read_text().split("\n", 1)[0].split()[1:9]]
     except (OSError, ValueError):
         return None
     idle = ticks[3] + ticks[4]  # idle, iowait; the rest: user, nice, system, irq, softirq, steal

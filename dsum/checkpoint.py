@@ -146,7 +146,11 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         distributed.barrier()
-        accelerator.save_state(str(tmp))
+        hook = accelerator.register_save_state_pre_hook(keep_tied_weights_once)
+        try:
+            accelerator.save_state(str(tmp))
+        finally:
+            hook.remove()
         faults.point("checkpoint.save", state["global_step"])  # half written: no marker, not renamed
         torch.save(rng_state(), tmp / f"rng_state_{distributed.rank()}.pt")
         if distributed.is_main():
@@ -169,6 +173,22 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: 
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def keep_tied_weights_once(models, weights: list[dict[str, Any]], output_dir: str) -> None:
+    """Each tied weight saved under one name, as transformers saves a model: T5's embeddings and head are one
+    tensor, which a LoRA model's state dict lists under four names. safetensors' `load_model` ties the others
+    back on resume. Accelerate would drop them too, but with a warning that asks the user to check."""
+    for state in weights:
+        seen = set()
+        for name, tensor in list(state.items()):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
+                    tensor.stride(), tensor.dtype)
+            if view in seen:  # the very same tensor: partial overlaps are kept, and warned of, as before
+                del state[name]
+            seen.add(view)
 
 
 def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:

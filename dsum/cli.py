@@ -68,7 +68,10 @@ def report(message: str, status: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dsum import __version__
+
     parser = argparse.ArgumentParser(prog="dsum", description="Fine-tune and evaluate dialogue summarization models.")
+    parser.add_argument("--version", action="version", version=f"dsum {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe")
@@ -296,7 +299,6 @@ def run_demo(args: argparse.Namespace) -> int:
     with resources.as_file(resources.files("dsum") / DEMO_RECIPE) as path:
         recipe = load_recipe(path, [f"output_dir={args.output_dir}"])
     train(recipe, overwrite=is_demo_run(Path(args.output_dir)), run_tags={"demo": True})
-    print(f"demo finished: {Path(args.output_dir) / 'eval' / 'metrics.json'}")
     return 0
 
 

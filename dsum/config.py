@@ -43,6 +43,11 @@ def home_expanded(value: Any) -> Any:
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
+def yaml_no(value: Any) -> Any:
+    """YAML reads a bare `no` as false, in a recipe and in `key=no` alike; where "no" is a choice, it means that."""
+    return "no" if value is False else value
+
+
 class ModelConfig(Section):
     family: Literal["seq2seq", "causal"] = Field(
         description="seq2seq (T5-style encoder-decoder) or causal (decoder-only, Llama-style)"
@@ -200,6 +205,8 @@ class TrainConfig(Section):
         default_factory=lambda: ["tensorboard"], description="experiment trackers; one that is not installed is skipped"
     )
 
+
+    _no = field_validator("mixed_precision", mode="before")(yaml_no)
 
     @property
     def padding_multiple(self) -> int:

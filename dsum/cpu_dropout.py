@@ -87,7 +87,8 @@ class FastCpuDropout:
     def __init__(self, model: nn.Module):
         from transformers import PreTrainedModel
 
-        self.modules = [m for m in model.modules() if type(m) is nn.Dropout]
+        # Only modules that drop something: a model built with dropout 0 keeps PyTorch's (a no-op) and says nothing.
+        self.modules = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0.0]
         for module in self.modules:
             module.__class__ = Dropout
         self.pretrained = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)

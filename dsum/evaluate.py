@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from dsum import cpu_speed, distributed
-from dsum.config import Recipe, RecipeError, recipe_to_dict
+from dsum.config import EvalConfig, Recipe, RecipeError, recipe_to_dict
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, Prediction, generate_predictions
 from dsum.preemption import StopSignals
@@ -45,6 +45,8 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
     partial = output_dir / PARTIAL_DIR
     shots = (pick_shots(load_split(recipe.data, recipe.data.train_split), recipe.prompt.shots, recipe.train.seed)
              if recipe.prompt.shots else [])
+    if distributed.is_main():
+        print(opening_summary(recipe.eval, model_source, len(examples)), flush=True)
     started = time.perf_counter()
     predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device,
                                        synced_gpus=distributed.zero3(accelerator), autocast=accelerator.autocast,
@@ -76,8 +78,15 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
     shutil.rmtree(partial, ignore_errors=True)
     title = f"ROUGE F1 on {metrics['split']} (n={metrics['n']}; mean over references, then dialogues)"
     print(rouge_table(metrics, title), flush=True)
+    print(f"evaluation written to {output_dir}: {METRICS_FILE}, {PREDICTIONS_FILE}", flush=True)
     distributed.barrier()
     return metrics
+
+
+def opening_summary(e: EvalConfig, model_source: str, dialogues: int) -> str:
+    decoding = ("sampling" if e.do_sample else "greedy" if e.num_beams == 1 else f"beam search ({e.num_beams} beams)")
+    return (f"evaluating {model_source} on {e.split}: {dialogues} dialogues, {decoding}, up to {e.max_new_tokens} new "
+            f"tokens, batches of {e.batch_size} per process x {distributed.world_size()}")
 
 
 def evaluation_identity(recipe: Recipe, model_source: str) -> dict:

@@ -317,18 +317,25 @@ def prepare_for_training(recipe: Recipe, model):
     if recipe.adapter.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Checkpointing is switched on below, by its current name, rather than by peft's call of the old one.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if checkpointing:
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     if recipe.adapter.method != "none":
         model = add_lora(recipe, model)
         if checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant: it works with frozen inputs)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name since 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    model.config.use_cache = False
 
 
 def add_lora(recipe: Recipe, model):

@@ -43,6 +43,7 @@ SLURM_DIR = "slurm"
 MARKER = "COMPLETE"  # in a checkpoint: it was written whole
 STATE_FILE = "trainer_state.json"  # in a checkpoint: the step and the batch layout
 FINISHED = "finished"
+FIRST_STEP = "first_step_at"  # in run.json, once a run has made an optimizer step: it has trained
 EVALUATE = "evaluate"  # `--resume auto` of a run that trained and saved final/, but did not finish evaluating
 # What may change when a run resumes: how long it trains, how it logs, validates, saves and is tracked,
 # how it is compiled, the evaluation after it, and where it is. Anything else would mix two runs: a
@@ -69,6 +70,16 @@ def only_evaluation_left(output_dir: Path) -> bool:
     """A run that trained and saved final/, and stopped or was killed before it finished evaluating."""
     info = read_run(output_dir)
     return bool(info.get("trained")) and info.get("status") != FINISHED and (output_dir / FINAL).is_dir()
+
+
+def ended_before_training(output_dir: Path) -> bool:
+    """A run that failed, stopped or was killed before its first optimizer step (a model that did not load,
+    a launch that went wrong): it trained nothing and saved nothing, so a new run may replace it unasked.
+    A run from before dsum marked first steps counts as one only if it logged no step either."""
+    info = read_run(output_dir)
+    metrics = output_dir / METRICS_FILE
+    return (bool(info) and info.get("status") != FINISHED and FIRST_STEP not in info and not info.get("trained")
+            and not complete_checkpoints(output_dir) and not (metrics.is_file() and metrics.stat().st_size))
 
 
 def read_run(output_dir: Path) -> dict[str, Any]:
@@ -197,10 +208,15 @@ def claim(output_dir: Path, *, resuming: bool, overwrite: bool) -> Lock:
                           "wait for it to end, or choose another output_dir")
     try:
         problem = None if resuming else output_dir_problem(output_dir, overwrite)
+        replace = not resuming and (overwrite or ended_before_training(output_dir))
         distributed.barrier()
         if problem:
             raise RecipeError(problem)
-        if overwrite and not resuming and distributed.is_main():
+        if replace and distributed.is_main():
+            if not overwrite:
+                info = read_run(output_dir)
+                print(f"output_dir {output_dir}: replacing a {info.get('status')} run that ended before its first step"
+                      + (f" ({info['failure']})" if info.get("failure") else ""), flush=True)
             for entry in run_entries(output_dir):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         distributed.barrier()
@@ -218,7 +234,7 @@ def output_dir_problem(output_dir: Path, overwrite: bool) -> str | None:
     run_file = output_dir / RUN_FILE
     if not run_file.is_file():
         return f"output_dir {output_dir} is not empty and holds no dsum run; choose another output_dir"
-    if overwrite:
+    if overwrite or ended_before_training(output_dir):
         return None
     status = read_status(run_file)
     if status == FINISHED:

@@ -20,7 +20,7 @@ from typing import Any
 from dsum import distributed
 from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 from dsum.data.sources import text_lines
-from dsum.run_dir import METRICS_FILE, RUN_FILE, TENSORBOARD_DIR, flat
+from dsum.run_dir import FIRST_STEP, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR, flat
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,12 @@ class RunInfo:
     def update(self, **details: Any) -> None:
         self.info.update(details)
         self._write()
+
+    def stepped(self) -> None:
+        """Told after every optimizer step; the first is written down: from then on the run has trained, and a
+        new run replaces it only when asked (`run_dir.ended_before_training`)."""
+        if FIRST_STEP not in self.info:
+            self.update(**{FIRST_STEP: time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def finish(self, **details: Any) -> None:
         self.info.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details)

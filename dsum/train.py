@@ -53,6 +53,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    began = time.perf_counter()
     output_dir = Path(recipe.output_dir)
     cfg = recipe.train
     warn_of_remote_code(recipe)
@@ -152,6 +153,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                attention=attention,  # None: transformers' own choice
                max_tokens_per_batch=budget)
     trackers = Trackers(output_dir, recipe)
+    if distributed.is_main():
+        print(opening_summary(recipe, plan, total_steps, world_size, accelerator.mixed_precision), flush=True)
 
     # ---- loop ------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -204,6 +207,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 clock.lap("optimizer")
         scheduler.step()
         step += 1
+        run.stepped()
         progress.update(1)
         faults.point("train.step", step)
         guard.note(window_loss, step)
@@ -251,6 +255,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                                       accelerator)
                 metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
                 trackers.log(record, step)
+                if distributed.is_main():
+                    progress.write(validation_line(step, record, len(val_examples[: recipe.eval.validation_samples])))
             if saving:
                 guard.check(run)  # never save weights a non-finite loss has reached
                 checkpoint.save_checkpoint(accelerator, output_dir,
@@ -276,6 +282,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
     metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
     trackers.log(record, step)
+    if distributed.is_main():
+        print(validation_line(step, record, len(val_examples[: recipe.eval.validation_samples])), flush=True)
     final = checkpoint.save_final(accelerator, model, tokenizer, output_dir)
     # Trained: a stop or a kill from here on leaves the evaluation alone to do (run_dir.auto_resume).
     run.update(trained=True, steps=step, seconds=time.perf_counter() - started,
@@ -296,11 +304,55 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     run.finish()
     trackers.finish()
     accelerator.end_training()
+    if distributed.is_main():
+        print(closing_line(output_dir, time.perf_counter() - began, evaluated=recipe.eval.after_training), flush=True)
     return final
 
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
+
+
+def opening_summary(recipe: Recipe, plan: BatchPlan, total_steps: int, world_size: int, precision: str) -> str:
+    """One line before the first step: what is trained on what, in how many steps of how much, where."""
+    cfg = recipe.train
+    epochs = round(total_steps / plan.steps_per_epoch, 2) if cfg.max_steps else cfg.num_epochs
+    shape = (f"{cfg.per_device_batch_size} per device" if plan.max_tokens is None
+             else f"up to {plan.max_tokens:,} tokens per device")
+    shape += f" x {plural(cfg.gradient_accumulation_steps, 'accumulation step')} x {plural(world_size, 'process')}"
+    batch = f"global batch {plan.global_batch_size} ({shape})" if plan.global_batch_size else f"batches of {shape}"
+    method = "full fine-tuning" if recipe.adapter.method == "none" else recipe.adapter.method
+    precision = "fp32" if precision == "no" else precision
+    return (f"training ({method}, {precision}): {plural(plan.num_examples, 'example')}, {plural(epochs, 'epoch')}, "
+            f"{plural(total_steps, 'optimizer step')} ({plan.steps_per_epoch} per epoch), {batch}; "
+            f"writing to {recipe.output_dir}")
+
+
+def closing_line(output_dir: Path, seconds: float, evaluated: bool) -> str:
+    written = [f"the model in {output_dir / run_dir.FINAL}", f"its log in {output_dir / run_dir.METRICS_FILE}",
+               f"the run's record in {output_dir / run_dir.RUN_FILE}"]
+    if evaluated:
+        written.append(f"the evaluation in {output_dir / run_dir.EVAL_DIR}")
+    return f"finished in {duration(seconds)}: " + ", ".join(written)
+
+
+def duration(seconds: float) -> str:
+    minutes, hours = round(seconds) // 60, round(seconds) // 3600
+    if hours:
+        return f"{hours} h {minutes % 60} min"
+    return f"{minutes} min {round(seconds) % 60} s" if minutes else f"{seconds:.1f} s"
+
+
+def plural(count: float, noun: str) -> str:
+    return f"{count:g} {noun}" + ("" if count == 1 else "s")
+
+
+def validation_line(step: int, record: dict[str, float], dialogues: int) -> str:
+    """The validation loss, and ROUGE where it was measured, as one line."""
+    rouge = ", ".join(f"{key.removeprefix('validation_')} {value:.4f}" for key, value in record.items()
+                      if key.startswith("validation_rouge"))
+    rouge += f" (on {plural(dialogues, 'dialogue')})" if rouge else ""
+    return f"step {step}: validation loss {record['validation_loss']:.4f}" + (f", {rouge}" if rouge else "")
 
 
 def finish_evaluation(recipe: Recipe, output_dir: Path) -> Path:

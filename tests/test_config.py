@@ -127,3 +127,13 @@ def test_a_home_directory_in_any_path_setting_is_expanded(tmp_path, monkeypatch)
     hub = load_recipe(ROOT / "recipes" / "flan-t5-base" / "full.yaml", ["model.name_or_path=~/flan"])
     assert hub.model.name_or_path == str(tmp_path / "flan")
     assert load_recipe(ROOT / "recipes" / "flan-t5-base" / "full.yaml").model.name_or_path == "google/flan-t5-base"
+
+
+def test_a_bare_no_is_the_choice_no_not_false(tmp_path):
+    """YAML 1.1 reads `no` as false; `train.mixed_precision=no`, as the docs spell it, is still the choice "no"."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "t5-full.yaml", ["train.mixed_precision=no"])
+    assert recipe.train.mixed_precision == "no"
+    text = (ROOT / "recipes" / "tiny" / "t5-full.yaml").read_text().replace("train:\n", "train:\n  mixed_precision: no\n")
+    assert load_recipe(write(tmp_path, text)).train.mixed_precision == "no"
+    with pytest.raises(RecipeError, match="train.mixed_precision: got True"):
+        load_recipe(ROOT / "recipes" / "tiny" / "t5-full.yaml", ["train.mixed_precision=yes"])

@@ -36,11 +36,11 @@ def test_the_mask_keeps_1_minus_p_scales_the_kept_and_the_gradient_follows_it():
     assert fast_dropout(torch.ones(8, dtype=torch.bfloat16), 0.1).dtype == torch.bfloat16
 
 
-def t5():
+def t5(dropout_rate: float = 0.1):
     from transformers import T5Config, T5ForConditionalGeneration
 
     return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
-                                               num_decoder_layers=2, dropout_rate=0.1, decoder_start_token_id=0))
+                                               num_decoder_layers=2, dropout_rate=dropout_rate, decoder_start_token_id=0))
 
 
 def llama():
@@ -106,4 +106,12 @@ def test_a_model_without_attention_dropout_keeps_its_attention():
     model.config.attention_dropout = 0.0
     switched = FastCpuDropout(model)
     assert switched.attention is None and not switched.active
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_built_without_dropout_is_left_alone_and_nothing_is_said():
+    model = t5(dropout_rate=0.0)
+    switched = FastCpuDropout(model)
+    assert not switched.modules and not switched.active  # train.py prints its description only when active
+    assert all(type(m) is nn.Dropout for m in model.modules() if isinstance(m, nn.Dropout))
     assert model.config._attn_implementation == "sdpa"

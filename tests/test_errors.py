@@ -50,7 +50,7 @@ def finished_run(ws: Path) -> str:
 def crashed_run(ws: Path) -> str:
     run = ws / "crashed"
     (run / "tokenizer").mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"status": "running"}))
+    (run / "run.json").write_text(json.dumps({"status": "running", "first_step_at": "2026-01-01T00:00:00+0000"}))
     return str(run)
 
 

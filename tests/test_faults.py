@@ -257,7 +257,7 @@ def small_disk(tmp_path):
 
     yield mount
     for where in mounts:
-        subprocess.run(["umount", str(where)], check=False)
+        subprocess.run(["umount", "--lazy", str(where)], check=False)  # detached even while a file is open
 
 
 @pytest.mark.parametrize("megabytes, saves, what", [(2, 1, "the random-init base"), (6, 1, "the checkpoint of step 1"),

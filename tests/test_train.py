@@ -150,6 +150,38 @@ def test_a_directory_that_is_not_a_run_is_never_touched(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_run_that_failed_before_its_first_step_is_replaced_unasked_and_one_after_it_is_not(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A model that does not load (offline, a typo) fails the run before it trains: running again replaces it,
+    the user's files kept. A run that failed after a step holds a log worth keeping: --overwrite is asked for."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr("dsum.train.load_model", lambda *a, **k: (_ for _ in ()).throw(
+            RecipeError("model.name_or_path: cannot load 'org/model' (offline)")))
+        with pytest.raises(RecipeError):
+            train(tiny("t5-full", out, "train.max_steps=2"))
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    (out / "NOTES.md").write_text("mine")
+    train(tiny("t5-full", out, "train.max_steps=2"))
+    assert (f"output_dir {out}: replacing a failed run that ended before its first step (model.name_or_path: cannot "
+            "load 'org/model' (offline))") in capsys.readouterr().out
+    assert len(losses(out)) == 2 and (out / "NOTES.md").read_text() == "mine"
+
+    def fail_after_step_1(name, step=None):
+        if name == "train.step" and step == 1:
+            raise RuntimeError("a fault after the first step")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("dsum.train.faults.point", fail_after_step_1)
+        with pytest.raises(RuntimeError):
+            train(tiny("t5-full", out, "train.max_steps=2", "train.logging_steps=5"), overwrite=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RecipeError, match="already holds a failed run; it saved no checkpoint to resume from; pass "
+                                          "--overwrite to replace it"):
+        train(tiny("t5-full", out, "train.max_steps=2"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("how", ["overwrite", "resume-auto"])
 def test_a_new_run_replaces_what_a_run_wrote_and_nothing_else(tmp_path, how):
     """The user's own files beside a run (notes, code) stay when the run is replaced, with --overwrite or by
