@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="a report comparing runs or evaluations (HTML, Markdown, CSV, plots)")
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_EVAL_DIR",
                          help="run directories (with eval/) or evaluation directories; the first is the baseline")
-    compare.add_argument("--out", type=Path, default=Path("reports/compare"), metavar="DIR",
-                         help="where the report goes (default: reports/compare)")
+    compare.add_argument("--out", type=Path, metavar="DIR",
+                         help="where the report goes (default: compare/ in the first run's directory)")
     compare.add_argument("--samples", type=int, default=5, metavar="K", help="sample dialogues shown (default: 5)")
     compare.set_defaults(run=run_compare)
 
@@ -264,12 +264,20 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from dsum.report import compare
+    from dsum.report import FILES, check_out, compare, default_out, locate_all
 
     if args.samples < 0:
         raise RecipeError(f"--samples: must be at least 0, got {args.samples}")
-    out = compare(args.runs, args.out, samples=args.samples)
-    print(f"report: {out / 'report.html'} (also report.md, rouge.csv, changes.csv, samples.csv)")
+    locate_all(args.runs)  # a path that is not a run is refused before anything is scored
+    out = args.out or default_out(args.runs)
+    check_out(out)
+    count = f"{len(args.runs)} runs" if len(args.runs) > 1 else "1 run"
+    print(f"comparing {count}, the first as the baseline: {', '.join(map(str, args.runs))}", flush=True)
+    result = compare(args.runs, out, samples=args.samples)
+    print(result.differences, flush=True)
+    for warning in result.warnings:
+        print(f"dsum: warning: {warning}", file=sys.stderr, flush=True)
+    print(f"report written to {out / 'report.html'} (also {', '.join(FILES)} and the plots)", flush=True)
     return 0
 
 

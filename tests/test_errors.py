@@ -77,6 +77,16 @@ def predictions(ws: Path, rows: list[dict], name: str = "predictions.jsonl") -> 
     return str(path)
 
 
+def evaluated_run(ws: Path, name: str = "evaluated", lines: list[str] | None = None) -> str:
+    """A finished run with eval/: `lines` of predictions.jsonl (by default one good row)."""
+    run = Path(finished_run(ws)).rename(ws / name)
+    (run / "eval").mkdir()
+    good = json.dumps({"id": "d0", "prediction": "They greet.", "references": ["They greet."]})
+    (run / "eval" / "predictions.jsonl").write_text("".join(line + "\n" for line in lines or [good]))
+    (run / "eval" / "metrics.json").write_text(json.dumps({"n": 1, "split": "test"}))
+    return str(run)
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -119,6 +129,24 @@ CASES = [
      "--num-processes: must be at least 1, got -3"),
     ("compare-negative-samples", lambda ws: ["compare", finished_run(ws), "--samples", "-1"],
      "--samples: must be at least 0, got -1"),
+    ("compare-a-missing-run", lambda ws: ["compare", str(ws / "nope")],
+     "nope: no such directory; expected a run directory (with eval/) or an evaluation directory"),
+    ("compare-a-directory-of-no-run", lambda ws: ["compare", str(ws)],
+     "holds neither eval/metrics.json nor metrics.json; expected a run directory"),
+    ("compare-a-run-not-evaluated", lambda ws: ["compare", finished_run(ws)],
+     "finished: a run without a finished evaluation (no eval/metrics.json); evaluate it with dsum eval"),
+    ("compare-a-run-twice", lambda ws: ["compare", evaluated_run(ws), str(ws / "evaluated" / "eval")],
+     "evaluated/eval: the same evaluation as"),
+    ("compare-into-a-file", lambda ws: ["compare", evaluated_run(ws), "--out", str(write(ws / "out.md", "mine"))],
+     "out.md: it is a file; expected a directory for the report (made if missing)"),
+    ("compare-predictions-cut-short", lambda ws: ["compare", evaluated_run(ws, lines=['{"id": "d0", "predic'])],
+     "predictions.jsonl line 1: not JSON"),
+    ("compare-predictions-with-an-id-twice", lambda ws: ["compare", evaluated_run(
+        ws, lines=[json.dumps({"id": "d0", "prediction": "Hi.", "references": ["Hi."]})] * 2)],
+     "predictions.jsonl line 2: id 'd0' appears twice; expected one row per dialogue"),
+    ("compare-predictions-without-references", lambda ws: ["compare", evaluated_run(
+        ws, lines=[json.dumps({"id": "d0", "prediction": "Hi.", "references": []})])],
+     "predictions.jsonl line 1: references: expected a non-empty list of strings; expected a row of dsum eval's"),
     ("override-without-value", lambda ws: ["validate", recipe_file(ws, TINY), "train.per_device_batch_size="],
      "train.per_device_batch_size: got None"),
     # Values out of range.

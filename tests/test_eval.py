@@ -192,7 +192,7 @@ def test_the_comparison_report_renders_with_its_tables_and_plots(run_dir, tmp_pa
     baseline = tmp_path / "zero-shot"
     zero_shot = run_dsum("eval", str(RECIPE), *SETTINGS, f"output_dir={run_dir}", "--output-dir", str(baseline))
     assert zero_shot.returncode == 0, zero_shot.stderr[-3000:]
-    out = compare([baseline, run_dir], tmp_path / "report", samples=3)
+    out = compare([baseline, run_dir], tmp_path / "report", samples=3).out
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # ROUGE bars and the loss curve, embedded
     assert "Change over the first run" in page and "Sample summaries" in page
