@@ -205,6 +205,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 clock.lap("optimizer")
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update took, logged with its loss
         scheduler.step()
         step += 1
         run.stepped()
@@ -225,7 +226,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                 "step": step,
                 "epoch": round(plan.epochs_done(step), 4),
                 "loss": loss_total / max(targets, 1),
-                "learning_rate": scheduler.get_last_lr()[0],
+                "learning_rate": learning_rate,
                 "grad_norm": None if grad_norm is None else float(grad_norm),  # read from the device here
                 "tokens_per_second": real_tokens / seconds,
                 "processed_tokens_per_second": processed / seconds,
