@@ -49,16 +49,9 @@ class CompiledBlocks:
     @contextmanager
     def eager(self) -> Iterator[None]:
         """The blocks run uncompiled inside the block: validation and generation, whose shapes, modes and
-        caches would only compile more variants. `Module.compile` keeps the compiled call in
-        `_compiled_call_impl`, which it reads at every call."""
-        saved = [block._compiled_call_impl for block in self.blocks]
-        for block in self.blocks:
-            block._compiled_call_impl = None
-        try:
+        caches would only compile more variants."""
+        with torch.compiler.set_stance("force_eager"):
             yield
-        finally:
-            for block, call in zip(self.blocks, saved):
-                block._compiled_call_impl = call
 
 
 def stack_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -85,8 +85,9 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
 
 def opening_summary(e: EvalConfig, model_source: str, dialogues: int) -> str:
     decoding = ("sampling" if e.do_sample else "greedy" if e.num_beams == 1 else f"beam search ({e.num_beams} beams)")
+    processes = distributed.world_size()
     return (f"evaluating {model_source} on {e.split}: {dialogues} dialogues, {decoding}, up to {e.max_new_tokens} new "
-            f"tokens, batches of {e.batch_size} per process x {distributed.world_size()}")
+            f"tokens, batches of {e.batch_size} per process x {processes} process{'' if processes == 1 else 'es'}")
 
 
 def evaluation_identity(recipe: Recipe, model_source: str) -> dict:

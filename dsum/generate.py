@@ -28,6 +28,7 @@ holds.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from contextlib import nullcontext
@@ -167,7 +168,7 @@ def generate_fitting(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                 prompt = {"encoder_outputs": cpu_speed.encode_in_parts(model, input_ids[rows], attention_mask[rows],
                                                                         encoder_batch)}
             if "cache_implementation" not in kwargs:  # eval.cache: dynamic
-                prompt["past_key_values"] = cpu_speed.growing_cache(model, input_ids.device)
+                prompt[cache_argument()] = cpu_speed.growing_cache(model, input_ids.device)
             outputs.append(model.generate(**prompt, attention_mask=attention_mask[rows], **kwargs,
                                           synced_gpus=synced_gpus))
         except torch.OutOfMemoryError:
@@ -212,6 +213,16 @@ def cache_kwargs(e: EvalConfig) -> dict:
     compile_config = CompileConfig()
     compile_config._compile_all_devices = True  # else only CUDA-like devices compile
     return {"cache_implementation": "static", "compile_config": compile_config}
+
+
+@functools.cache
+def cache_argument() -> str:
+    """What `generate` calls a KV cache given to it: `cache` from transformers 5.24 (which warns at the old
+    name), `past_key_values` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 def check_generation(e: EvalConfig, model, synced_gpus: bool) -> None:

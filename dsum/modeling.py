@@ -224,8 +224,9 @@ def check_packing(recipe: Recipe, config: Any) -> None:
     import sys
 
     try:
-        model_class = auto_class(recipe.model.family)._model_mapping[type(config)]
-    except KeyError:  # code shipped with the model: nothing to inspect
+        with torch.device("meta"):  # the class transformers picks for this config, built without memory
+            model_class = type(auto_class(recipe.model.family).from_config(config))
+    except ValueError:  # code shipped with the model: nothing to inspect
         raise RecipeError(f"train.packing: cannot tell whether the {config.model_type} architecture keeps packed "
                           "examples apart; set train.packing: false") from None
     takes_positions = "position_ids" in inspect.signature(model_class.forward).parameters

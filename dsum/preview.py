@@ -48,10 +48,9 @@ def describe_recipe(recipe: Recipe, world_size: int) -> str:
 def describe_plan(recipe: Recipe, examples, tokenizer, world_size: int) -> list[str]:
     """Batch size and optimizer steps; under a token budget they follow the token lengths (the tokenizer's)."""
     cfg = recipe.train
-    per_step = f"{cfg.gradient_accumulation_steps} accumulation x {world_size} processes"
     if cfg.max_tokens_per_batch is None:
         plan = training_plan(cfg, [0] * len(examples), world_size, 0)
-        size = f"global batch size: {plan.global_batch_size} (= {cfg.per_device_batch_size} per device x {per_step})"
+        size = plan.describe()
     elif cfg.max_tokens_per_batch == "auto":
         return [f"world size: {world_size}", "micro-batches of as many tokens as fit the GPU, probed when training "
                 "starts (train.max_tokens_per_batch: auto); optimizer steps depend on that budget"]
@@ -61,7 +60,7 @@ def describe_plan(recipe: Recipe, examples, tokenizer, world_size: int) -> list[
     else:
         features = Featurizer(recipe, tokenizer).training_features(examples)
         plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in features], world_size, 0)
-        size = f"micro-batches of up to {cfg.max_tokens_per_batch} tokens per device x {per_step}"
+        size = plan.describe()
     total = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     return [
         f"world size: {world_size}",

@@ -154,7 +154,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                max_tokens_per_batch=budget)
     trackers = Trackers(output_dir, recipe)
     if distributed.is_main():
-        print(opening_summary(recipe, plan, total_steps, world_size, accelerator.mixed_precision), flush=True)
+        print(opening_summary(recipe, plan, total_steps, accelerator.mixed_precision), flush=True)
 
     # ---- loop ------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -314,18 +314,14 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 # Pieces of the loop
 
 
-def opening_summary(recipe: Recipe, plan: BatchPlan, total_steps: int, world_size: int, precision: str) -> str:
+def opening_summary(recipe: Recipe, plan: BatchPlan, total_steps: int, precision: str) -> str:
     """One line before the first step: what is trained on what, in how many steps of how much, where."""
     cfg = recipe.train
     epochs = round(total_steps / plan.steps_per_epoch, 2) if cfg.max_steps else cfg.num_epochs
-    shape = (f"{cfg.per_device_batch_size} per device" if plan.max_tokens is None
-             else f"up to {plan.max_tokens:,} tokens per device")
-    shape += f" x {plural(cfg.gradient_accumulation_steps, 'accumulation step')} x {plural(world_size, 'process')}"
-    batch = f"global batch {plan.global_batch_size} ({shape})" if plan.global_batch_size else f"batches of {shape}"
     method = "full fine-tuning" if recipe.adapter.method == "none" else recipe.adapter.method
     precision = "fp32" if precision == "no" else precision
     return (f"training ({method}, {precision}): {plural(plan.num_examples, 'example')}, {plural(epochs, 'epoch')}, "
-            f"{plural(total_steps, 'optimizer step')} ({plan.steps_per_epoch} per epoch), {batch}; "
+            f"{plural(total_steps, 'optimizer step')} ({plan.steps_per_epoch} per epoch), {plan.describe()}; "
             f"writing to {recipe.output_dir}")
 
 

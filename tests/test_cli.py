@@ -28,7 +28,7 @@ def test_validate_shows_the_run_without_training(tmp_path, family, masked):
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "world size: 4" in text
-    assert "global batch size: 64 (= 8 per device x 2 accumulation x 4 processes)" in text
+    assert "global batch 64 (8 per device x 2 accumulation steps x 4 processes)" in text
     assert "training examples: 512; optimizer steps per epoch: 8; optimizer steps: 8" in text
     assert "trainable parameters:" in text and "%" in text
     assert f"[masked] {masked}" in text
@@ -43,7 +43,7 @@ def test_validate_of_a_hub_recipe_offline_still_checks_the_recipe(tmp_path):
     result = dsum("validate", "recipes/flan-t5-base/lora.yaml", "data.source=synthetic", f"output_dir={tmp_path}/x",
                   HF_HUB_OFFLINE="1")
     assert result.returncode == 0, result.stderr
-    assert "global batch size: 16" in result.stdout
+    assert "global batch 16 (" in result.stdout
     assert "parameters and example: not available here" in result.stdout
 
 
@@ -187,7 +187,9 @@ def test_the_console_says_what_happened_and_nothing_else(tmp_path):
     assert re.fullmatch(r"step 1: validation loss \d+\.\d{4}, rouge1 \d\.\d{4}, rouge2 \d\.\d{4}, rougeL "
                         r"\d\.\d{4}, rougeLsum \d\.\d{4} \(on 2 dialogues\)", lines[0]), lines[0]
     assert lines[1].startswith("step 2: validation loss ")
-    assert lines[2].startswith("ROUGE F1 on test (n=3;")
+    assert lines[2] == (f"evaluating {out / 'final'} on test: 3 dialogues, greedy, up to 4 new tokens, batches of 16 "
+                        "per process x 1 process")
+    assert lines[3].startswith("ROUGE F1 on test (n=3;")
     assert lines[-2] == f"evaluation written to {out / 'eval'}: metrics.json, predictions.jsonl"
     assert re.fullmatch(rf"finished in \d+\.\d s: the model in {out}/final, its log in {out}/metrics.jsonl, the run's "
                         rf"record in {out}/run.json, the evaluation in {out}/eval", lines[-1]), lines[-1]
