@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +58,12 @@ def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | No
     if options.job == "train" and read_status(output_dir / RUN_FILE) == "finished":
         raise RecipeError(f"output_dir {output_dir} already holds a finished run; choose another output_dir")
     slurm_dir = output_dir / SLURM_DIR
-    script = render(recipe, options, config, slurm_dir)
-    if dry_run:
+    script = render(recipe, options, config, slurm_dir, dry_run=dry_run)
+    if dry_run:  # the script on stdout, to read or save; what was not done on stderr
         print(script, end="")
+        print(f"dsum: dry run: nothing was written or submitted; run the same command without --dry-run to write "
+              f"{slurm_dir / f'{options.job}.sbatch'} and {options.job}.recipe.yaml beside it, and submit",
+              file=sys.stderr)
         return None
     sbatch = shutil.which("sbatch")
     if sbatch is None:
@@ -151,8 +155,10 @@ def processes_per_node(o: SubmitOptions) -> int:
     return o.procs_per_node or o.gpus_per_node or 1
 
 
-def render(recipe: Recipe, o: SubmitOptions, config: AccelerateConfig, slurm_dir: Path) -> str:
-    """The batch script: the `#SBATCH` block from the options, the settings, then the launch script's body."""
+def render(recipe: Recipe, o: SubmitOptions, config: AccelerateConfig, slurm_dir: Path, *,
+           dry_run: bool = False) -> str:
+    """The batch script: the `#SBATCH` block from the options, the settings, then the launch script's body.
+    A dry run's script says that it was only printed: the files it names are written by a real submit."""
     name = f"dsum-{o.job}"
     directives = [f"--job-name={name}", f"--nodes={o.nodes}", "--ntasks-per-node=1"]
     if o.gpus_per_node:
@@ -168,14 +174,24 @@ def render(recipe: Recipe, o: SubmitOptions, config: AccelerateConfig, slurm_dir
         settings["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo; DeepSpeed picks the CPU by itself
     if o.env_file is not None:
         settings["DSUM_ENV_FILE"] = o.env_file.resolve()
-    args = [str(slurm_dir / f"{o.job}.recipe.yaml")]
+    script_path, recipe_path = slurm_dir / f"{o.job}.sbatch", slurm_dir / f"{o.job}.recipe.yaml"
+    args = [str(recipe_path)]
     if o.checkpoint is not None:
         args += ["--checkpoint", str(o.checkpoint.resolve())]
     body = launch_body(o.job)
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    if dry_run:
+        origin = [f"# Printed by `dsum submit --dry-run` from launch/{o.job}.slurm on {when}: nothing was written or "
+                  "submitted.",
+                  f"# The job reads its recipe from {recipe_path}, which only a real submit writes:",
+                  f"# run the same dsum submit command without --dry-run to write it and this script ({script_path})",
+                  "# and submit them."]
+    else:
+        origin = [f"# Rendered by `dsum submit` from launch/{o.job}.slurm on {when}.",
+                  f"# Submit it again with: sbatch {script_path}"]
     return "\n".join([
         "#!/bin/bash",
-        f"# Rendered by `dsum submit` from launch/{o.job}.slurm on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
-        f"# Submit it again with: sbatch {slurm_dir / f'{o.job}.sbatch'}",
+        *origin,
         f"# {o.nodes} node(s) x {processes_per_node(o)} process(es) = {o.nodes * processes_per_node(o)} "
         f"processes, Accelerate config {config.path.name}",
         *(f"#SBATCH {shlex.quote(d)}" for d in directives),

@@ -99,3 +99,33 @@ def test_the_frozen_recipe_loads_back_as_the_same_recipe(tmp_path):
         saved = tmp_path / "recipe.yaml"
         saved.write_text(yaml.safe_dump(frozen(recipe), sort_keys=False))
         assert load_recipe(saved) == recipe
+
+
+def test_a_dry_run_says_it_wrote_nothing_and_how_to_submit(tmp_path):
+    out = tmp_path / "run"
+    done = dsum("submit", RECIPE, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2", "--dry-run",
+                f"output_dir={out}")
+    assert done.returncode == 0, done.stderr
+    header = "\n".join(done.stdout.splitlines()[:5])
+    assert "nothing was written or submitted" in header and "without --dry-run" in header
+    assert "sbatch " not in header, "the script it names was not written, so it cannot be submitted again"
+    assert f"reads its recipe from {out}/slurm/train.recipe.yaml, which only a real submit writes" in header
+    assert done.stderr == (f"dsum: dry run: nothing was written or submitted; run the same command without --dry-run "
+                           f"to write {out}/slurm/train.sbatch and train.recipe.yaml beside it, and submit\n")
+    assert not out.exists()
+
+
+def test_a_real_submit_writes_the_script_and_recipe_its_header_names(tmp_path):
+    """With an sbatch that only prints a job id: the script says how to submit it again, and both files exist."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    done = dsum("submit", RECIPE, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2",
+                f"output_dir={out}", env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    assert "submitted job 4242" in done.stdout
+    script = (out / "slurm" / "train.sbatch").read_text()
+    assert f"# Submit it again with: sbatch {out}/slurm/train.sbatch" in script
+    assert "--dry-run" not in script.split("#SBATCH")[0]
+    assert (out / "slurm" / "train.recipe.yaml").is_file()
