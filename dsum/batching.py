@@ -61,20 +61,6 @@ class BatchPlan:
             return None
         return self.per_device_batch_size * self.gradient_accumulation_steps * self.world_size
 
-    def describe(self) -> str:
-        """The batch of one optimizer step in words: "global batch 64 (8 per device x 2 accumulation steps x
-        4 processes)", or under a token budget "micro-batches of up to 4,096 tokens per device x ..."."""
-        def counted(count: int, noun: str) -> str:
-            return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
-
-        shape = (f"{self.per_device_batch_size} per device" if self.max_tokens is None
-                 else f"up to {self.max_tokens:,} tokens per device")
-        shape += (f" x {counted(self.gradient_accumulation_steps, 'accumulation step')} x "
-                  f"{counted(self.world_size, 'process')}")
-        if self.max_tokens is not None:
-            return f"micro-batches of {shape}"
-        return f"global batch {self.global_batch_size} ({shape})"
-
     def steps_in_epoch(self, epoch: int) -> int:
         if self.max_tokens is None:  # the same every epoch
             # The order is padded to a multiple of world_size, so every rank has the same count.

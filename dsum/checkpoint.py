@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from dsum import distributed, faults
-from dsum.config import RecipeError, RunError
-from dsum.run_dir import (CHECKPOINTS, FINAL, MARKER, STATE_FILE, checkpoint_path, complete_checkpoints,
+from dsum.config import Recipe, RecipeError, RunError
+from dsum.modeling import config_family, load_model, load_tokenizer
+from dsum.run_dir import (BASE_DIR, CHECKPOINTS, FINAL, MARKER, STATE_FILE, checkpoint_path, complete_checkpoints,
                            write_failure, written)
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:
@@ -236,3 +237,57 @@ def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
             tokenizer.save_pretrained(tmp)
     distributed.barrier()
     return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a checkpoint for evaluation
+
+
+def load_for_eval(recipe: Recipe, checkpoint: Path | None):
+    """(model, tokenizer): a full checkpoint, an adapter on its base, or the recipe's base alone."""
+    from transformers import AutoTokenizer
+
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
+    if checkpoint is not None:
+        check_checkpoint_family(recipe, checkpoint)
+    run_dir = Path(recipe.output_dir)
+    base = recipe.model.name_or_path or run_dir / BASE_DIR
+    if recipe.model.name_or_path is None and not (run_dir / BASE_DIR / "config.json").is_file():
+        raise RecipeError(f"model.architecture: no random-init base in {run_dir / BASE_DIR}; train the recipe first")
+    if checkpoint is None:
+        tokenizer = load_tokenizer(recipe, run_dir)
+        return load_model(recipe, base, for_training=False), tokenizer
+    tokenizer = (AutoTokenizer.from_pretrained(checkpoint) if (checkpoint / "tokenizer_config.json").is_file()
+                 else load_tokenizer(recipe, run_dir))
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        config = json.loads((checkpoint / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path") or base
+        model = PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint)
+        return (model.merge_and_unload() if recipe.eval.merge_adapter else model), tokenizer
+    if (checkpoint / "config.json").is_file():
+        recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "none"})})
+        return load_model(recipe, checkpoint, for_training=False), tokenizer
+    raise RecipeError(f"--checkpoint {checkpoint}: neither a model (config.json) nor an adapter (adapter_config.json)")
+
+
+def check_checkpoint_family(recipe: Recipe, checkpoint: Path) -> None:
+    """A checkpoint is evaluated with the recipe's model family: a seq2seq model under a causal recipe
+    (or the reverse) is refused in one line instead of failing deep in transformers."""
+    if (checkpoint / "adapter_config.json").is_file():
+        task = json.loads((checkpoint / "adapter_config.json").read_text()).get("task_type")
+        family = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}.get(task)
+        what = f"a {task} adapter"
+    elif (checkpoint / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(checkpoint)
+        family = config_family(config)
+        what = f"a {config.model_type} model, {family}"
+    else:
+        return  # load_for_eval says what is missing
+    if family is not None and family != recipe.model.family:
+        raise RecipeError(f"--checkpoint {checkpoint}: {what}, but the recipe's model.family is "
+                          f"{recipe.model.family}; evaluate it with the recipe it was trained with")

@@ -131,3 +131,17 @@ def gather_objects(obj: Any) -> list[Any]:
 def zero3(accelerator) -> bool:
     """Whether DeepSpeed shards the weights (ZeRO-3), so every rank must join every forward pass."""
     return getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+
+
+def configure_deepspeed(accelerator, micro_batch: int, accumulation: int = 1, clipping: float | None = None) -> None:
+    """The one place DeepSpeed's config is filled in, before `prepare`: the micro-batch, accumulation and
+    clipping of training, or an evaluation's batch (dsum shards the data itself). Nothing without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = micro_batch * accumulation * world_size()
+    if clipping is not None:
+        ds["gradient_clipping"] = clipping

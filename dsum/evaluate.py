@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 
 from dsum import cpu_speed, distributed
-from dsum.config import EvalConfig, Recipe, RecipeError, recipe_to_dict
+from dsum.config import Recipe, RecipeError, recipe_to_dict
+from dsum.console import evaluation_summary
 from dsum.data import load_split
-from dsum.generate import PARTIAL_DIR, Prediction, generate_predictions
+from dsum.generate import PARTIAL_DIR, generate_predictions
+from dsum.checkpoint import load_for_eval
 from dsum.preemption import StopSignals
 from dsum.prompts import pick_shots
 from dsum.run_dir import BASE_DIR
-from dsum.scoring import interleave, rouge_from_matrix, rouge_table, spread_scores
+from dsum.scoring import ROUGE_KEYS, rouge_from_matrix, rouge_table, spread_score_matrix
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -46,7 +48,7 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
     shots = (pick_shots(load_split(recipe.data, recipe.data.train_split), recipe.prompt.shots, recipe.train.seed)
              if recipe.prompt.shots else [])
     if distributed.is_main():
-        print(opening_summary(recipe.eval, model_source, len(examples)), flush=True)
+        print(evaluation_summary(recipe.eval, model_source, len(examples), distributed.world_size()), flush=True)
     started = time.perf_counter()
     predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device,
                                        synced_gpus=distributed.zero3(accelerator), autocast=accelerator.autocast,
@@ -81,13 +83,6 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
     print(f"evaluation written to {output_dir}: {METRICS_FILE}, {PREDICTIONS_FILE}", flush=True)
     distributed.barrier()
     return metrics
-
-
-def opening_summary(e: EvalConfig, model_source: str, dialogues: int) -> str:
-    decoding = ("sampling" if e.do_sample else "greedy" if e.num_beams == 1 else f"beam search ({e.num_beams} beams)")
-    processes = distributed.world_size()
-    return (f"evaluating {model_source} on {e.split}: {dialogues} dialogues, {decoding}, up to {e.max_new_tokens} new "
-            f"tokens, batches of {e.batch_size} per process x {processes} process{'' if processes == 1 else 'es'}")
 
 
 def evaluation_identity(recipe: Recipe, model_source: str) -> dict:
@@ -134,11 +129,16 @@ def read_identity(partial: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def spread_score_matrix(predictions: list[Prediction]) -> list:
-    """`score_matrix` of all predictions, each rank scoring its share; on every rank, in dataset order."""
-    share = spread_scores([p.prediction for p in predictions], [p.references for p in predictions],
-                          distributed.rank(), distributed.world_size())
-    return interleave(distributed.gather_objects(share))
+def validation_rouge(recipe: Recipe, model, tokenizer, examples: list, accelerator) -> dict[str, float]:
+    """ROUGE of the model on validation examples, generated and scored as an evaluation does, for the
+    training loop's validation: `validation_rouge1`, ... on rank 0, nothing on the others."""
+    predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device,
+                                       synced_gpus=distributed.zero3(accelerator), autocast=accelerator.autocast)
+    matrix = spread_score_matrix(predictions)
+    if not distributed.is_main():  # the others' records are never written
+        return {}
+    scores = rouge_from_matrix(matrix)
+    return {f"validation_{key}": scores[key] for key in ROUGE_KEYS}
 
 
 def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None, overwrite: bool,
@@ -176,28 +176,6 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
                         accelerator=accelerator, model_source=source, stop=stop)
 
 
-def check_checkpoint_family(recipe: Recipe, checkpoint: Path) -> None:
-    """A checkpoint is evaluated with the recipe's model family: a seq2seq model under a causal recipe
-    (or the reverse) is refused in one line instead of failing deep in transformers."""
-    if (checkpoint / "adapter_config.json").is_file():
-        task = json.loads((checkpoint / "adapter_config.json").read_text()).get("task_type")
-        family = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}.get(task)
-        what = f"a {task} adapter"
-    elif (checkpoint / "config.json").is_file():
-        from transformers import AutoConfig
-
-        from dsum.modeling import config_family
-
-        config = AutoConfig.from_pretrained(checkpoint)
-        family = config_family(config)
-        what = f"a {config.model_type} model, {family}"
-    else:
-        return  # load_for_eval says what is missing
-    if family is not None and family != recipe.model.family:
-        raise RecipeError(f"--checkpoint {checkpoint}: {what}, but the recipe's model.family is "
-                          f"{recipe.model.family}; evaluate it with the recipe it was trained with")
-
-
 def model_source(recipe: Recipe, checkpoint: Path | None) -> str:
     """The evaluated model as metrics.json names it: the checkpoint, or the base alone (zero-shot)."""
     if checkpoint is not None:
@@ -207,43 +185,7 @@ def model_source(recipe: Recipe, checkpoint: Path | None) -> str:
 
 def prepare_for_inference(accelerator, model, recipe: Recipe):
     """On the device; under DeepSpeed, in an engine (ZeRO-3 shards the weights across ranks)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
+    if accelerator.state.deepspeed_plugin is None:
         return model.to(accelerator.device)
-    ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = recipe.eval.batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = recipe.eval.batch_size * distributed.world_size()
+    distributed.configure_deepspeed(accelerator, recipe.eval.batch_size)
     return accelerator.prepare(model)
-
-
-def load_for_eval(recipe: Recipe, checkpoint: Path | None):
-    """(model, tokenizer): a full checkpoint, an adapter on its base, or the recipe's base alone."""
-    from transformers import AutoTokenizer
-
-    from dsum.modeling import load_model, load_tokenizer
-
-    if checkpoint is not None and not checkpoint.is_dir():
-        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
-    if checkpoint is not None:
-        check_checkpoint_family(recipe, checkpoint)
-    run_dir = Path(recipe.output_dir)
-    base = recipe.model.name_or_path or run_dir / BASE_DIR
-    if recipe.model.name_or_path is None and not (run_dir / BASE_DIR / "config.json").is_file():
-        raise RecipeError(f"model.architecture: no random-init base in {run_dir / BASE_DIR}; train the recipe first")
-    if checkpoint is None:
-        tokenizer = load_tokenizer(recipe, run_dir)
-        return load_model(recipe, base, for_training=False), tokenizer
-    tokenizer = (AutoTokenizer.from_pretrained(checkpoint) if (checkpoint / "tokenizer_config.json").is_file()
-                 else load_tokenizer(recipe, run_dir))
-    if (checkpoint / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        config = json.loads((checkpoint / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path") or base
-        model = PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint)
-        return (model.merge_and_unload() if recipe.eval.merge_adapter else model), tokenizer
-    if (checkpoint / "config.json").is_file():
-        recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "none"})})
-        return load_model(recipe, checkpoint, for_training=False), tokenizer
-    raise RecipeError(f"--checkpoint {checkpoint}: neither a model (config.json) nor an adapter (adapter_config.json)")

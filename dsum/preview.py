@@ -10,6 +10,7 @@ import yaml
 
 from dsum.batching import training_plan
 from dsum.config import Recipe, RecipeError, recipe_to_dict
+from dsum.console import describe_batch
 from dsum.data import load_split
 from dsum.features import IGNORE_INDEX, Featurizer, feature_tokens
 
@@ -50,7 +51,7 @@ def describe_plan(recipe: Recipe, examples, tokenizer, world_size: int) -> list[
     cfg = recipe.train
     if cfg.max_tokens_per_batch is None:
         plan = training_plan(cfg, [0] * len(examples), world_size, 0)
-        size = plan.describe()
+        size = describe_batch(plan)
     elif cfg.max_tokens_per_batch == "auto":
         return [f"world size: {world_size}", "micro-batches of as many tokens as fit the GPU, probed when training "
                 "starts (train.max_tokens_per_batch: auto); optimizer steps depend on that budget"]
@@ -60,7 +61,7 @@ def describe_plan(recipe: Recipe, examples, tokenizer, world_size: int) -> list[
     else:
         features = Featurizer(recipe, tokenizer).training_features(examples)
         plan = training_plan(cfg, [feature_tokens(f, recipe.model.family) for f in features], world_size, 0)
-        size = plan.describe()
+        size = describe_batch(plan)
     total = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     return [
         f"world size: {world_size}",

@@ -96,3 +96,13 @@ def rouge_table(metrics: dict, title: str) -> str:
         lines.append(f"| {key:<9} | {metrics[key]:.4f} | {low:.4f} - {high:.4f} | "
                      f"{metrics['best_reference'][key]:.4f}   | {metrics['first_reference'][key]:.4f}    |")
     return "\n".join(lines)
+
+
+def spread_score_matrix(predictions: Sequence) -> list:
+    """`score_matrix` of all predictions (dsum.generate's, with `prediction` and `references`), each rank
+    scoring its share; on every rank, in dataset order."""
+    from dsum import distributed
+
+    share = spread_scores([p.prediction for p in predictions], [p.references for p in predictions],
+                          distributed.rank(), distributed.world_size())
+    return interleave(distributed.gather_objects(share))

@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 
+from dsum import distributed
 from dsum.features import MicroBatch
 
 PHASES = ("data", "forward_backward", "optimizer")
@@ -156,3 +157,62 @@ class FlopCounter:
                                         + self.decoder_layers * pairs))
         return float(sum(batch.lengths) * self.per_token("decoder") + head
                      + attention * self.decoder_layers * sum(n * n for n in batch.lengths))
+
+
+def telemetry_summary(seen: dict[str, float], loop_seconds: float, set_aside: float, clock: StepClock,
+                      peak_flops: float | None, world_size: int) -> dict[str, float]:
+    """Throughput, padding efficiency, FLOPs, time split and memory peaks of the loop, since it started or
+    resumed. The rates are over its training time: the loop's, less its validations and checkpoint saves."""
+    seconds = loop_seconds - set_aside
+    return {
+        "loop_seconds": loop_seconds,
+        "validation_and_checkpoint_seconds": set_aside,
+        "training_seconds": seconds,
+        "tokens_per_second": seen["real_tokens"] / seconds,
+        "processed_tokens_per_second": seen["processed_tokens"] / seconds,
+        "padding_efficiency": seen["real_tokens"] / max(seen["processed_tokens"], 1),
+        **model_flops(seen["flops"], seconds, peak_flops, world_size),
+        **clock.summary(),
+    }
+
+
+def model_flops(flops: float, seconds: float, peak_flops: float | None, world_size: int) -> dict[str, float]:
+    """Model TFLOP/s over all ranks and, where the device's bf16 peak is known, MFU: their share of the peaks."""
+    achieved = flops / seconds
+    record = {"model_tflops_per_second": achieved / 1e12}
+    if peak_flops:
+        record["mfu"] = achieved / (peak_flops * world_size)
+    return record
+
+
+class LogWindow:
+    """Loss and token counts since the last log. The loss sum stays on the device (no host sync per
+    micro-batch); a checkpoint carries the window's totals, so a resumed run logs what an
+    uninterrupted one would."""
+
+    def __init__(self, device: torch.device, flop_counter: FlopCounter,
+                 saved: list[float] | None = None):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.flop_counter = flop_counter
+        self.reset()
+        if saved and distributed.is_main():  # the saved totals are over all ranks: count them once
+            self.loss += saved[0]
+            self.targets, self.real_tokens = int(saved[1]), int(saved[2])
+            self.processed = int(saved[3]) if len(saved) > 3 else 0
+            self.flops = saved[4] if len(saved) > 4 else 0.0
+
+    def add(self, window_loss: torch.Tensor, batches: list[MicroBatch]) -> None:
+        self.loss += window_loss
+        self.targets += sum(b.targets for b in batches)
+        self.real_tokens += sum(b.real_tokens for b in batches)
+        self.processed += sum(b.processed_tokens for b in batches)
+        self.flops += sum(self.flop_counter.batch(b) for b in batches)
+
+    def totals(self) -> list[float]:
+        """[loss sum, target tokens, real tokens, processed tokens (padding included), model FLOPs] over all ranks."""
+        return distributed.sum_all([self.loss.item(), self.targets, self.real_tokens, self.processed, self.flops])
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.targets = self.real_tokens = self.processed = 0
+        self.flops = 0.0

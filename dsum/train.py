@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from dsum import checkpoint, cpu_speed, distributed, faults, run_dir, sizing
+from dsum.console import closing_line, opening_summary, validation_line
 from dsum.batching import BatchPlan, training_plan
 from dsum.compiling import CompiledBlocks
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed, recipe_to_dict
 from dsum.data import Example, load_split
-from dsum.features import Collator, Featurizer, MicroBatch, feature_tokens
+from dsum.features import Collator, Featurizer, feature_tokens
 from dsum.generate import check_generation
 from dsum.loss import TokenLoss
 from dsum.preemption import StopSignals, Stopped
@@ -33,7 +34,8 @@ from dsum.modeling import (check_buildable, check_packing, describe_parameters, 
                            training_attention, warn_of_remote_code)
 from dsum.profiling import StepProfiler
 from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info, mark_finished
-from dsum.telemetry import FlopCounter, StepClock, device_peak_flops, reset_gpu_peaks
+from dsum.telemetry import (FlopCounter, LogWindow, StepClock, device_peak_flops, model_flops, reset_gpu_peaks,
+                            telemetry_summary)
 
 
 
@@ -134,7 +136,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     total_steps = plan.total_steps(cfg.num_epochs, cfg.max_steps)
     optimizer = build_optimizer(cfg, model, accelerator.device)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    configure_deepspeed(accelerator, cfg)
+    distributed.configure_deepspeed(accelerator, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
+                                    clipping=cfg.max_grad_norm or 0.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # ---- resume ----------------------------------------------------------------------------
@@ -314,44 +317,6 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 # Pieces of the loop
 
 
-def opening_summary(recipe: Recipe, plan: BatchPlan, total_steps: int, precision: str) -> str:
-    """One line before the first step: what is trained on what, in how many steps of how much, where."""
-    cfg = recipe.train
-    epochs = round(total_steps / plan.steps_per_epoch, 2) if cfg.max_steps else cfg.num_epochs
-    method = "full fine-tuning" if recipe.adapter.method == "none" else recipe.adapter.method
-    precision = "fp32" if precision == "no" else precision
-    return (f"training ({method}, {precision}): {plural(plan.num_examples, 'example')}, {plural(epochs, 'epoch')}, "
-            f"{plural(total_steps, 'optimizer step')} ({plan.steps_per_epoch} per epoch), {plan.describe()}; "
-            f"writing to {recipe.output_dir}")
-
-
-def closing_line(output_dir: Path, seconds: float, evaluated: bool) -> str:
-    written = [f"the model in {output_dir / run_dir.FINAL}", f"its log in {output_dir / run_dir.METRICS_FILE}",
-               f"the run's record in {output_dir / run_dir.RUN_FILE}"]
-    if evaluated:
-        written.append(f"the evaluation in {output_dir / run_dir.EVAL_DIR}")
-    return f"finished in {duration(seconds)}: " + ", ".join(written)
-
-
-def duration(seconds: float) -> str:
-    minutes, hours = round(seconds) // 60, round(seconds) // 3600
-    if hours:
-        return f"{hours} h {minutes % 60} min"
-    return f"{minutes} min {round(seconds) % 60} s" if minutes else f"{seconds:.1f} s"
-
-
-def plural(count: float, noun: str) -> str:
-    return f"{count:g} {noun}" + ("" if count == 1 else "s")
-
-
-def validation_line(step: int, record: dict[str, float], dialogues: int) -> str:
-    """The validation loss, and ROUGE where it was measured, as one line."""
-    rouge = ", ".join(f"{key.removeprefix('validation_')} {value:.4f}" for key, value in record.items()
-                      if key.startswith("validation_rouge"))
-    rouge += f" (on {plural(dialogues, 'dialogue')})" if rouge else ""
-    return f"step {step}: validation loss {record['validation_loss']:.4f}" + (f", {rouge}" if rouge else "")
-
-
 def finish_evaluation(recipe: Recipe, output_dir: Path) -> Path:
     """A run that trained and saved final/ but stopped or was killed while evaluating: the evaluation
     alone, its predictions so far kept (dsum eval's resume), then the run is finished."""
@@ -386,19 +351,11 @@ def validate(model, tokenizer, examples, features, collate, token_loss: TokenLos
     """Validation loss, and ROUGE on the first eval.validation_samples dialogues with the evaluation's generator."""
     record = {"validation_loss": validation_loss(model, features, collate, token_loss, recipe, accelerator)}
     if recipe.eval.validation_samples:
-        from dsum.evaluate import spread_score_matrix
-        from dsum.generate import generate_predictions
-        from dsum.scoring import ROUGE_KEYS, rouge_from_matrix
+        from dsum.evaluate import validation_rouge
 
-        predictions = generate_predictions(recipe, accelerator.unwrap_model(model), tokenizer,
-                                           examples[: recipe.eval.validation_samples], accelerator.device,
-                                           synced_gpus=distributed.zero3(accelerator),
-                                           autocast=accelerator.autocast)
+        record.update(validation_rouge(recipe, accelerator.unwrap_model(model), tokenizer,
+                                       examples[: recipe.eval.validation_samples], accelerator))
         model.train()
-        matrix = spread_score_matrix(predictions)
-        if distributed.is_main():  # the others' records are never written
-            scores = rouge_from_matrix(matrix)
-            record.update({f"validation_{key}": scores[key] for key in ROUGE_KEYS})
     return record
 
 
@@ -492,18 +449,6 @@ def check_launch(accelerator, recipe: Recipe) -> None:
         check_deepspeed(recipe, plugin.zero_stage)
 
 
-def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
-    """Hand DeepSpeed the recipe's micro-batch, accumulation and clipping (we shard data ourselves)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    ds["train_batch_size"] = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * distributed.world_size()
-    ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
-
-
 def token_budget(recipe: Recipe, accelerator, model, token_loss: TokenLoss, collate: Collator, features, lengths,
                  resumed: dict[str, Any]) -> int | None:
     """train.max_tokens_per_batch as a number: the recipe's; for auto, a resumed checkpoint's (its
@@ -553,65 +498,6 @@ def zero3_init_disabled(accelerator):
         yield
     finally:
         set_hf_deepspeed_config(plugin.dschf)
-
-
-def telemetry_summary(seen: dict[str, float], loop_seconds: float, set_aside: float, clock: StepClock,
-                      peak_flops: float | None, world_size: int) -> dict[str, float]:
-    """Throughput, padding efficiency, FLOPs, time split and memory peaks of the loop, since it started or
-    resumed. The rates are over its training time: the loop's, less its validations and checkpoint saves."""
-    seconds = loop_seconds - set_aside
-    return {
-        "loop_seconds": loop_seconds,
-        "validation_and_checkpoint_seconds": set_aside,
-        "training_seconds": seconds,
-        "tokens_per_second": seen["real_tokens"] / seconds,
-        "processed_tokens_per_second": seen["processed_tokens"] / seconds,
-        "padding_efficiency": seen["real_tokens"] / max(seen["processed_tokens"], 1),
-        **model_flops(seen["flops"], seconds, peak_flops, world_size),
-        **clock.summary(),
-    }
-
-
-def model_flops(flops: float, seconds: float, peak_flops: float | None, world_size: int) -> dict[str, float]:
-    """Model TFLOP/s over all ranks and, where the device's bf16 peak is known, MFU: their share of the peaks."""
-    achieved = flops / seconds
-    record = {"model_tflops_per_second": achieved / 1e12}
-    if peak_flops:
-        record["mfu"] = achieved / (peak_flops * world_size)
-    return record
-
-
-class LogWindow:
-    """Loss and token counts since the last log. The loss sum stays on the device (no host sync per
-    micro-batch); a checkpoint carries the window's totals, so a resumed run logs what an
-    uninterrupted one would."""
-
-    def __init__(self, device: torch.device, flop_counter: FlopCounter,
-                 saved: list[float] | None = None):
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.flop_counter = flop_counter
-        self.reset()
-        if saved and distributed.is_main():  # the saved totals are over all ranks: count them once
-            self.loss += saved[0]
-            self.targets, self.real_tokens = int(saved[1]), int(saved[2])
-            self.processed = int(saved[3]) if len(saved) > 3 else 0
-            self.flops = saved[4] if len(saved) > 4 else 0.0
-
-    def add(self, window_loss: torch.Tensor, batches: list[MicroBatch]) -> None:
-        self.loss += window_loss
-        self.targets += sum(b.targets for b in batches)
-        self.real_tokens += sum(b.real_tokens for b in batches)
-        self.processed += sum(b.processed_tokens for b in batches)
-        self.flops += sum(self.flop_counter.batch(b) for b in batches)
-
-    def totals(self) -> list[float]:
-        """[loss sum, target tokens, real tokens, processed tokens (padding included), model FLOPs] over all ranks."""
-        return distributed.sum_all([self.loss.item(), self.targets, self.real_tokens, self.processed, self.flops])
-
-    def reset(self) -> None:
-        self.loss.zero_()
-        self.targets = self.real_tokens = self.processed = 0
-        self.flops = 0.0
 
 
 class NonFiniteGuard:
