@@ -8,6 +8,7 @@
     dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
     dsum demo [--output-dir DIR]
     dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE | --record] [--models A,B] [--profile DIR] ...
+    dsum bench --table
 
 Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2;
 a run that cannot go on (a non-finite loss, a failed save) prints one line and exits 1.
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_parser(sub) -> None:
-    from dsum.bench import CPU_MODELS, CPU_SIZES, CUDA_MODELS, CUDA_SIZES, DSUM_OPTIONS, RESULTS
+    from dsum.bench.options import RESULTS  # these two import no more than dsum.config: the bench runs later
+    from dsum.bench.sizes import CPU_MODELS, CPU_SIZES, CUDA_MODELS, CUDA_SIZES, DSUM_OPTIONS
 
     def per_device(name: str) -> str:
         return f"cpu {getattr(CPU_SIZES, name)}, cuda {getattr(CUDA_SIZES, name)}"
@@ -194,6 +196,12 @@ def add_bench_parser(sub) -> None:
                        help=f"write the JSON results to {RESULTS}/<UTC date>-<device>-<bench|goals>-<commit>.json "
                             "under the current directory (instead of --json), to keep them with the code that made "
                             "them")
+    bench.add_argument("--recipes", type=Path, metavar="DIR",
+                       help="the recipes directory the GPU models take their settings from (default: recipes/ of "
+                            "the dsum checkout running)")
+    bench.add_argument("--table", action="store_true",
+                       help="run nothing: rewrite the results table in BENCHMARKS.md from benchmarks/results/*.json, "
+                            "in the current directory (a dsum checkout)")
     bench.set_defaults(run=run_bench)
 
 
@@ -282,19 +290,39 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from dsum.bench import BenchOptions, run_bench as compare_ways
+    if args.table:
+        return write_bench_table(args)
+    from dsum.bench.options import BenchOptions
 
     models = tuple(name.strip() for name in args.models.split(",") if name.strip()) if args.models else None
     options = BenchOptions(device=args.device, data=args.data, json_path=args.json, models=models,
                            train_steps=args.train_steps, eval_dialogues=args.eval_dialogues,
                            notebook_rows=args.notebook_rows, workdir=args.workdir, goals=args.goals,
-                           dsum=tuple(args.dsum), profile=args.profile, record=args.record)
+                           dsum=tuple(args.dsum), profile=args.profile, record=args.record, recipes=args.recipes)
     if options.goals:
-        from dsum.bench_goals import run_goals
+        from dsum.bench.goals import run_goals
 
         run_goals(options)
     else:
+        from dsum.bench.three_ways import run_bench as compare_ways
+
         compare_ways(options)
+    return 0
+
+
+def write_bench_table(args: argparse.Namespace) -> int:
+    from dsum.bench.table import write_table
+
+    flags = {"--goals": args.goals, "--data": args.data, "--json": args.json, "--models": args.models,
+             "--train-steps": args.train_steps, "--eval-dialogues": args.eval_dialogues,
+             "--notebook-rows": args.notebook_rows, "--workdir": args.workdir, "--dsum": args.dsum,
+             "--profile": args.profile, "--record": args.record, "--recipes": args.recipes}
+    given = [flag for flag, value in flags.items() if value]
+    if given:
+        raise RecipeError(f"--table: it runs nothing, so {', '.join(given)} would do nothing; give --table alone")
+    changed = write_table()
+    print(f"BENCHMARKS.md: the results table {'rewritten from' if changed else 'already matches'} "
+          "benchmarks/results/*.json", flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import DIALOGSUM, ROOT, reset_accelerate_state
-from dsum import bench
+from dsum.bench import dsum_way, harness, inputs, notebook, options, peers, recipes, sizes
 from dsum.cli import main
 from dsum.config import recipe_to_dict
 from dsum.features import Collator, Feature
@@ -43,11 +43,11 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     patch = pytest.MonkeyPatch()
-    sizes = replace(bench.CPU_SIZES, train_examples=200, warmup_steps=1, train_rounds=TRAIN_ROUNDS)
-    patch.setitem(bench.SIZES, "cpu", sizes)
+    tiny = replace(sizes.CPU_SIZES, train_examples=200, warmup_steps=1, train_rounds=TRAIN_ROUNDS)
+    patch.setitem(sizes.SIZES, "cpu", tiny)
     models = tuple(replace(spec, recipe={**spec.recipe, "train": {**spec.recipe["train"], "per_device_batch_size": BATCH}})
-                   for spec in bench.CPU_MODELS)
-    patch.setitem(bench.MODELS, "cpu", models)
+                   for spec in sizes.CPU_MODELS)
+    patch.setitem(sizes.MODELS, "cpu", models)
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
@@ -66,11 +66,11 @@ def run(tmp_path_factory):
 
 def test_every_figure_is_there_and_finite(run):
     results, stdout, _ = run
-    for key in bench.GOALS:
+    for key in sizes.GOALS:
         assert math.isfinite(results[key]) and results[key] > 0, key
     assert set(results["models"]) == {"t5", "llama"}
     for model in results["models"].values():
-        for way in bench.WAYS:
+        for way in sizes.WAYS:
             for value in (model["train"][way]["real_tokens_per_second"], model["train"][way]["padding_efficiency"],
                           model["eval"][way]["dialogues_per_second"]):
                 assert math.isfinite(value) and value > 0
@@ -87,17 +87,17 @@ def test_every_figure_is_there_and_finite(run):
 def test_the_ratios_are_the_ratios_of_the_rates(run):
     results, _, _ = run
     for model in results["models"].values():
-        train = {way: model["train"][way]["real_tokens_per_second"] for way in bench.WAYS}
-        speed = {way: model["eval"][way]["dialogues_per_second"] for way in bench.WAYS}
+        train = {way: model["train"][way]["real_tokens_per_second"] for way in sizes.WAYS}
+        speed = {way: model["eval"][way]["dialogues_per_second"] for way in sizes.WAYS}
         ratios = model["ratios"]
         assert ratios["train_speedup_vs_notebook"] == pytest.approx(train["dsum"] / train["notebook"])
         assert ratios["train_speedup_vs_no_trainer"] == pytest.approx(train["dsum"] / train["no_trainer"])
         assert ratios["eval_speedup_vs_notebook"] == pytest.approx(speed["dsum"] / speed["notebook"])
         assert ratios["eval_speedup_vs_no_trainer"] == pytest.approx(speed["dsum"] / speed["no_trainer"])
-        for way in bench.WAYS:
+        for way in sizes.WAYS:
             record = model["train"][way]
             assert record["real_tokens_per_second"] == pytest.approx(record["real_tokens"] / record["seconds"])
-    for key in bench.GOALS:  # the top-level figure is the conservative one: the minimum over models
+    for key in sizes.GOALS:  # the top-level figure is the conservative one: the minimum over models
         assert results[key] == pytest.approx(min(m["ratios"][key] for m in results["models"].values()))
 
 
@@ -105,22 +105,22 @@ def test_the_ways_train_on_the_same_data_for_the_same_steps(run):
     results, _, _ = run
     for name, model in results["models"].items():
         train = model["train"]
-        assert {train[way]["dataset_examples"] for way in bench.WAYS} == {200}, name
+        assert {train[way]["dataset_examples"] for way in sizes.WAYS} == {200}, name
         # The notebook's padded rows and the no_trainer features hold the same real tokens.
         assert train["notebook"]["dataset_real_tokens"] == train["no_trainer"]["dataset_real_tokens"]
-        assert {train[way]["steps"] for way in bench.WAYS} == {TRAIN_STEPS}
+        assert {train[way]["steps"] for way in sizes.WAYS} == {TRAIN_STEPS}
         assert train["notebook"]["rows"] == train["no_trainer"]["rows"] == TRAIN_STEPS * BATCH
         assert model["batch_size"] == BATCH
 
 
 def test_padding_is_what_each_way_does(run):
     results, _, _ = run
-    sizes = bench.CPU_SIZES
+    cpu = sizes.CPU_SIZES
     for name, model in results["models"].items():
-        notebook, no_trainer, dsum = (model["train"][way] for way in bench.WAYS)
+        notebook, no_trainer, dsum = (model["train"][way] for way in sizes.WAYS)
         # max_length padding: every row is 512 wide, and a T5 row's labels too; a causal row 512 + 128.
-        width = 2 * sizes.max_source_length if model["family"] == "seq2seq" else (
-            sizes.max_source_length + sizes.max_target_length)
+        width = 2 * cpu.max_source_length if model["family"] == "seq2seq" else (
+            cpu.max_source_length + cpu.max_target_length)
         assert notebook["processed_tokens"] == notebook["rows"] * width, name
         assert notebook["padding_efficiency"] < 0.5, name
         assert notebook["padding_efficiency"] < no_trainer["padding_efficiency"] < 1.0, name
@@ -132,7 +132,7 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
     results, stdout, _ = run
     for name, model in results["models"].items():
         evaluation = model["eval"]
-        assert {evaluation[way]["dialogues"] for way in bench.WAYS} == {EVAL_DIALOGUES}
+        assert {evaluation[way]["dialogues"] for way in sizes.WAYS} == {EVAL_DIALOGUES}
         # The flattened split: one row per reference, 3 per DialogSum test dialogue; dsum generates each once.
         assert evaluation["notebook"]["rows"] == evaluation["no_trainer"]["rows"] == 3 * EVAL_DIALOGUES
         assert evaluation["dsum"]["rows"] == EVAL_DIALOGUES
@@ -140,9 +140,9 @@ def test_the_ways_generate_the_same_for_the_same_dialogues(run):
         notebook = evaluation["notebook"]
         assert notebook["extrapolated"] and notebook["rows_timed"] == NOTEBOOK_ROWS
         assert notebook["seconds"] == pytest.approx(notebook["seconds_timed"] * notebook["rows"] / NOTEBOOK_ROWS)
-        lengths = [evaluation[way]["mean_new_tokens"] for way in bench.WAYS]
+        lengths = [evaluation[way]["mean_new_tokens"] for way in sizes.WAYS]
         assert max(lengths) - min(lengths) <= 1.0, (name, lengths)  # the same work per row in every way
-        assert max(lengths) <= bench.CPU_SIZES.max_new_tokens
+        assert max(lengths) <= sizes.CPU_SIZES.max_new_tokens
     assert "extrapolated" in stdout
     # dsum's generation settings: its batch (from --dsum), and for T5 the encoder's part of it.
     assert results["models"]["t5"]["dsum_eval_settings"] == {"batch_size": 3, "encoder_batch_size": 16,
@@ -162,10 +162,10 @@ def test_the_evaluation_is_timed_in_rounds_that_take_the_ways_in_turn(run):
     rounds = 2  # Sizes.eval_rounds (3), capped by the 2 notebook rows and no_trainer's 2 batches of 8 rows
     for name, model in results["models"].items():
         evaluation = model["eval"]
-        assert {evaluation[way]["rounds"] for way in bench.WAYS} == {rounds}
+        assert {evaluation[way]["rounds"] for way in sizes.WAYS} == {rounds}
         assert evaluation["dsum"]["rows_timed"] == rounds * EVAL_DIALOGUES
         assert evaluation["dsum"]["seconds"] == pytest.approx(evaluation["dsum"]["seconds_timed"] / rounds)
-        phases = [f"bench: {name}: eval {way}, round {part} of {rounds} " for part in (1, 2) for way in bench.WAYS]
+        phases = [f"bench: {name}: eval {way}, round {part} of {rounds} " for part in (1, 2) for way in sizes.WAYS]
         where = [stdout.index(line) for line in phases]
         assert where == sorted(where), stdout
 
@@ -176,10 +176,10 @@ def test_the_training_is_timed_in_rounds_that_take_the_ways_in_turn(run):
     results, stdout, _ = run
     for name, model in results["models"].items():
         train = model["train"]
-        assert {train[way]["rounds"] for way in bench.WAYS} == {TRAIN_ROUNDS}
-        assert {train[way]["steps"] for way in bench.WAYS} == {TRAIN_STEPS}  # 2 + 2, summed
+        assert {train[way]["rounds"] for way in sizes.WAYS} == {TRAIN_ROUNDS}
+        assert {train[way]["steps"] for way in sizes.WAYS} == {TRAIN_STEPS}  # 2 + 2, summed
         phases = [f"bench: {name}: train {way}, round {part} of {TRAIN_ROUNDS} " for part in (1, 2)
-                  for way in bench.WAYS]
+                  for way in sizes.WAYS]
         where = [stdout.index(line) for line in phases]
         assert where == sorted(where), stdout
         assert f"bench: {name}: train dsum, {TRAIN_ROUNDS} rounds: " in stdout
@@ -189,7 +189,7 @@ def test_each_way_is_profiled_over_timed_steps_of_its_first_round(run):
     """One profile per way and model (the first round's), over the steps after the warm-up; top operators
     by self CPU time that are aten ops; no device figures on the CPU; summary.json holds every run."""
     results, stdout, profiles = run
-    runs = {f"{model}-{way}" for model in ("t5", "llama") for way in bench.WAYS}
+    runs = {f"{model}-{way}" for model in ("t5", "llama") for way in sizes.WAYS}
     assert {p.name for p in profiles.iterdir()} == {f"{name}.{ext}" for name in runs for ext in ("txt", "json")} | {
         "summary.json"}
     summary = json.loads((profiles / "summary.json").read_text())["runs"]
@@ -210,8 +210,8 @@ def test_each_way_is_profiled_over_timed_steps_of_its_first_round(run):
         assert f"profile {name}: 2 steps of " in stdout
     assert results["profile_dir"] == str(profiles.resolve())
     for model in ("t5", "llama"):
-        assert set(results["models"][model]["profile"]) == set(bench.WAYS)
-        for way in bench.WAYS:
+        assert set(results["models"][model]["profile"]) == set(sizes.WAYS)
+        for way in sizes.WAYS:
             kept = results["models"][model]["profile"][way]
             assert kept["profiled_steps"] == 2 and kept["top"] == [
                 {"name": row["name"], "self_cpu_us": row["self_cpu_us"]}
@@ -234,34 +234,34 @@ def test_the_results_name_the_commit_of_the_checkout(run):
 
 
 def test_training_rounds_split_the_steps_and_take_their_own_seeds():
-    sizes = replace(bench.CPU_SIZES, train_steps=16, train_rounds=3, seed=7)
-    parts = bench.train_rounds(sizes)
+    steps = replace(sizes.CPU_SIZES, train_steps=16, train_rounds=3, seed=7)
+    parts = sizes.train_rounds(steps)
     assert [(p.train_steps, p.seed, p.warmup_steps) for p in parts] == [(6, 7, 2), (5, 8, 2), (5, 9, 2)]
-    assert [p.train_steps for p in bench.train_rounds(replace(sizes, train_steps=2))] == [1, 1]  # no empty round
-    assert [p.train_steps for p in bench.train_rounds(replace(sizes, train_rounds=1))] == [16]
+    assert [p.train_steps for p in sizes.train_rounds(replace(steps, train_steps=2))] == [1, 1]  # no empty round
+    assert [p.train_steps for p in sizes.train_rounds(replace(steps, train_rounds=1))] == [16]
 
 
 def test_rounds_combine_into_one_speed():
-    part = bench.EvalSpeed(dialogues=10, rows=30, rows_timed=4, batch_size=1, seconds_timed=2.0, mean_new_tokens=30.0,
+    part = harness.EvalSpeed(dialogues=10, rows=30, rows_timed=4, batch_size=1, seconds_timed=2.0, mean_new_tokens=30.0,
                            cpu_share=0.9, other_cpu_share=0.0)
     other = replace(part, rows_timed=2, seconds_timed=6.0, mean_new_tokens=33.0, cpu_share=0.5, other_cpu_share=0.4)
-    both = bench.EvalSpeed.combined([part, other])
+    both = harness.EvalSpeed.combined([part, other])
     assert (both.rows_timed, both.seconds_timed, both.rounds) == (6, 8.0, 2)
     assert both.mean_new_tokens == pytest.approx(31.0)  # per row
     assert both.cpu_share == pytest.approx(0.6) and both.other_cpu_share == pytest.approx(0.3)  # per second
     assert both.dialogues_per_second == pytest.approx(10 / (8.0 * 30 / 6))
-    assert bench.EvalSpeed.combined([replace(part, cpu_share=None), other]).cpu_share is None
+    assert harness.EvalSpeed.combined([replace(part, cpu_share=None), other]).cpu_share is None
 
-    step = bench.TrainSpeed(steps=3, seconds=1.0, real_tokens=900, processed_tokens=1000, dataset_examples=50,
+    step = harness.TrainSpeed(steps=3, seconds=1.0, real_tokens=900, processed_tokens=1000, dataset_examples=50,
                             dataset_real_tokens=9000, rows=24, cpu_share=0.9, other_cpu_share=0.0)
     later = replace(step, steps=2, seconds=3.0, real_tokens=300, processed_tokens=600, rows=16, cpu_share=0.5,
                     other_cpu_share=0.4)
-    trained = bench.TrainSpeed.combined([step, later])
+    trained = harness.TrainSpeed.combined([step, later])
     assert (trained.steps, trained.seconds, trained.real_tokens, trained.processed_tokens, trained.rows,
             trained.rounds) == (5, 4.0, 1200, 1600, 40, 2)
     assert trained.real_tokens_per_second == pytest.approx(300.0) and trained.padding_efficiency == pytest.approx(0.75)
     assert trained.cpu_share == pytest.approx(0.6) and trained.other_cpu_share == pytest.approx(0.3)
-    assert trained.dataset_examples == 50 and bench.TrainSpeed.combined([step, replace(later, rows=None)]).rows is None
+    assert trained.dataset_examples == 50 and harness.TrainSpeed.combined([step, replace(later, rows=None)]).rows is None
 
 
 def test_other_work_on_the_machine_is_what_marks_a_phase_busy(tmp_path):
@@ -270,32 +270,32 @@ def test_other_work_on_the_machine_is_what_marks_a_phase_busy(tmp_path):
     used. The readings are given, as a 2-core machine reports them, so the verdict depends on the code alone."""
     # A 10 s phase whose process used 2 of its 20 thread-seconds; all processes together 2.3 s, or 12 s
     # with another process on a core the whole time.
-    quiet_own, quiet_others = bench.cpu_shares(own=2.0, wall=10.0, machine=2.3, threads=2, cores=2)
-    crowded_own, crowded_others = bench.cpu_shares(own=2.0, wall=10.0, machine=12.0, threads=2, cores=2)
-    assert quiet_own == crowded_own == pytest.approx(0.1) and quiet_own < bench.BUSY  # the own share cannot tell them apart
+    quiet_own, quiet_others = harness.cpu_shares(own=2.0, wall=10.0, machine=2.3, threads=2, cores=2)
+    crowded_own, crowded_others = harness.cpu_shares(own=2.0, wall=10.0, machine=12.0, threads=2, cores=2)
+    assert quiet_own == crowded_own == pytest.approx(0.1) and quiet_own < harness.BUSY  # the own share cannot tell them apart
     assert quiet_others == pytest.approx(0.015) and crowded_others == pytest.approx(0.5)
-    assert bench.cpu_shares(own=2.0, wall=10.0, machine=1.9, threads=2, cores=2)[1] == 0.0  # ticks are coarse
-    speed = bench.TrainSpeed(steps=1, seconds=10.0, real_tokens=1, processed_tokens=1, dataset_examples=1)
+    assert harness.cpu_shares(own=2.0, wall=10.0, machine=1.9, threads=2, cores=2)[1] == 0.0  # ticks are coarse
+    speed = harness.TrainSpeed(steps=1, seconds=10.0, real_tokens=1, processed_tokens=1, dataset_examples=1)
     assert "(the machine was busy)" in replace(speed, cpu_share=crowded_own, other_cpu_share=crowded_others).describe()
     assert "(the machine was busy)" not in replace(speed, cpu_share=quiet_own, other_cpu_share=quiet_others).describe()
     assert "(the machine was busy)" in replace(speed, cpu_share=quiet_own, other_cpu_share=None).describe()  # own share
     # /proc/stat's first line: user nice system idle iowait irq softirq steal; idle and iowait are not work.
     stat = tmp_path / "stat"
     stat.write_text("cpu  300 0 100 5000 200 0 0 100 0 0\ncpu0 150 0 50 2500 100 0 0 50 0 0\n")
-    assert bench.machine_cpu_seconds(stat) == pytest.approx(500 / os.sysconf("SC_CLK_TCK"))
-    assert bench.machine_cpu_seconds(tmp_path / "missing") is None
+    assert harness.machine_cpu_seconds(stat) == pytest.approx(500 / os.sysconf("SC_CLK_TCK"))
+    assert harness.machine_cpu_seconds(tmp_path / "missing") is None
 
 
 def test_token_counts_use_dsum_definitions():
     """The notebook and no_trainer batches are counted as dsum counts its own (MicroBatch)."""
     features = [Feature([5, 6, 7, 1], [8, 9, 1]), Feature([5, 1], [8, 9, 10, 11, 1])]
     seq2seq = Collator(pad_token_id=0, decoder_start_token_id=0).batch(features)
-    assert bench.token_counts(seq2seq.tensors, "seq2seq") == (seq2seq.real_tokens, seq2seq.processed_tokens) == (14, 18)
+    assert peers.token_counts(seq2seq.tensors, "seq2seq") == (seq2seq.real_tokens, seq2seq.processed_tokens) == (14, 18)
     causal = Collator(pad_token_id=0).batch([Feature([3, 5, 6, 8, 1], [-100, -100, -100, 8, 1]), Feature([3, 5], [-100, 5])])
-    assert bench.token_counts(causal.tensors, "causal") == (causal.real_tokens, causal.processed_tokens) == (7, 10)
-    assert bench.feature_real_tokens(features, "seq2seq") == seq2seq.real_tokens
-    rows = bench.notebook_dataset(features, "seq2seq", 0, bench.CPU_SIZES)
-    assert sum(bench.token_counts(bench.stack([r]), "seq2seq")[0] for r in rows) == seq2seq.real_tokens
+    assert peers.token_counts(causal.tensors, "causal") == (causal.real_tokens, causal.processed_tokens) == (7, 10)
+    assert peers.feature_real_tokens(features, "seq2seq") == seq2seq.real_tokens
+    rows = notebook.notebook_dataset(features, "seq2seq", 0, sizes.CPU_SIZES)
+    assert sum(peers.token_counts(notebook.stack([r]), "seq2seq")[0] for r in rows) == seq2seq.real_tokens
 
 
 def test_dsum_window_is_read_from_its_metrics(tmp_path):
@@ -306,62 +306,106 @@ def test_dsum_window_is_read_from_its_metrics(tmp_path):
                {"step": 6, "validation_loss": 1.0}]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    sizes = replace(bench.CPU_SIZES, warmup_steps=2, train_steps=4)
-    assert bench.read_dsum_window(path, sizes) == (3.0, 100 * 2 + 300 * 1, 110 * 2 + 310 * 1)
+    window = replace(sizes.CPU_SIZES, warmup_steps=2, train_steps=4)
+    assert dsum_way.read_dsum_window(path, window) == (3.0, 100 * 2 + 300 * 1, 110 * 2 + 310 * 1)
+    # The recipe's side of it: the loop logs at the end of the warm-up (and, as always, at its last step).
+    assert recipes.window_logging(window) == {"logging_steps": 2}
+    # A run that did not log at the end of the warm-up has no window to read, and says why.
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))
+    with pytest.raises(RuntimeError, match="no record at step 2, the end of the warm-up"):
+        dsum_way.read_dsum_window(path, window)
 
 
 def test_gpu_architectures_have_the_real_parameter_counts():
     """flan-t5-base ~248M, flan-t5-large ~783M, Llama-2-7B ~6.74B, built on the meta device."""
     from transformers import AutoConfig
 
-    for spec in bench.CUDA_MODELS:
+    for spec in sizes.CUDA_MODELS:
         arch = dict(spec.architecture)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-        assert bench.parameter_count(bench.build_model(spec, config, meta=True)) == spec.parameters, spec.name
-    assert [round(spec.parameters / 1e6) for spec in bench.CUDA_MODELS] == [248, 783, 6738, 6738]
+        assert inputs.parameter_count(inputs.build_model(spec, config, meta=True)) == spec.parameters, spec.name
+    assert [round(spec.parameters / 1e6) for spec in sizes.CUDA_MODELS] == [248, 783, 6738, 6738]
 
 
 def test_gpu_recipes_take_their_settings_from_recipes(tmp_path):
     """Everything before the GPU: each spec's recipes/ file combines with the bench's settings and
     dsum's speed switches into a valid recipe."""
-    for spec in bench.CUDA_MODELS:
-        family = bench.recipe_settings(spec)["model"]["family"]
-        speed = {k: 1024 if v == bench.TOKEN_BUDGET else v for k, v in bench.DSUM_SPEED[family].items()}
-        recipe = bench.bench_recipe(spec, bench.CUDA_SIZES, model_source={"name_or_path": str(tmp_path / "base")},
+    for spec in sizes.CUDA_MODELS:
+        family = recipes.recipe_settings(spec)["model"]["family"]
+        speed = {k: 1024 if v == sizes.TOKEN_BUDGET else v for k, v in sizes.DSUM_SPEED[family].items()}
+        recipe = recipes.bench_recipe(spec, sizes.CUDA_SIZES, model_source={"name_or_path": str(tmp_path / "base")},
                                     tokenizer_dir=tmp_path / "tokenizer", data_dir=tmp_path, output_dir=tmp_path / "run",
                                     dsum={"train": speed})
         assert recipe.train.mixed_precision == "bf16" and recipe.train.optimizer == "adamw"
-        assert recipe.train.max_steps == bench.CUDA_SIZES.warmup_steps + bench.CUDA_SIZES.train_steps
+        assert recipe.train.max_steps == sizes.CUDA_SIZES.warmup_steps + sizes.CUDA_SIZES.train_steps
+        assert recipe.train.logging_steps == sizes.CUDA_SIZES.warmup_steps  # a record where the timed window starts
         assert recipe.adapter.method == {"flan-t5-base": "none", "flan-t5-large": "none", "llama-2-7b-lora": "lora",
                                          "llama-2-7b-qlora": "qlora"}[spec.name]
         assert recipe.tokenizer.max_source_length == 512 and recipe.tokenizer.max_target_length == 128
 
 
+def test_gpu_recipes_are_read_from_the_recipes_directory_before_anything_runs(tmp_path, monkeypatch):
+    """The checkout's recipes/ by default, --recipes DIR otherwise; a directory without the file, no such
+    directory, or an installed dsum with no recipes/ beside it: one line each. The CPU models need none."""
+    from dsum.config import RecipeError
+
+    [base] = options.select_models("cuda", ["flan-t5-base"])
+    assert base.recipe_file == "flan-t5-base/full.yaml" and base.recipe_source == "flan-t5-base/full.yaml"
+    assert base.recipe == recipes.recipe_settings(sizes.CUDA_MODELS[0])  # the file's settings, read once
+    (tmp_path / "flan-t5-base").mkdir()
+    (tmp_path / "flan-t5-base" / "full.yaml").write_text("model: {family: seq2seq}\ntrain: {learning_rate: 0.5}\n")
+    [mine] = options.select_models("cuda", ["flan-t5-base"], tmp_path)
+    assert mine.recipe == {"model": {"family": "seq2seq"}, "train": {"learning_rate": 0.5}}
+    with pytest.raises(RecipeError, match=r"^--recipes .*: no flan-t5-large/full.yaml in it, where dsum bench takes "):
+        options.select_models("cuda", ["flan-t5-large"], tmp_path)
+    with pytest.raises(RecipeError, match=r"^--recipes .*missing: no such directory$"):
+        options.select_models("cuda", None, tmp_path / "missing")
+    monkeypatch.setattr(recipes, "CHECKOUT_RECIPES", tmp_path / "site-packages" / "recipes")
+    with pytest.raises(RecipeError, match=r"^--recipes: the GPU models take their settings from the recipes/ of a dsum "
+                                          r"checkout, .* give --recipes DIR$"):
+        options.select_models("cuda", ["llama-2-7b-lora"])
+    assert [spec.recipe_source for spec in options.select_models("cpu", None)] == [
+        "inline (dsum/bench/sizes.py cpu_recipe)"] * 2
+    assert options.BenchOptions(recipes=tmp_path).command() == f"dsum bench --device cpu --recipes {tmp_path}"
+
+
+def test_the_command_imports_the_bench_only_when_it_runs():
+    """`dsum --help` and every other command build the bench's options from its sizes alone."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dsum.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('dsum.bench', 'torch'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "['dsum.bench', 'dsum.bench.options', 'dsum.bench.peers', 'dsum.bench.sizes']"
+
+
 def test_dsum_options_change_dsums_own_way_alone(tmp_path):
     """`--dsum KEY=VALUE` reaches dsum's recipe, typed as the schema types it, and nothing else of the
     recipe every way reads; the command that reruns the bench names it."""
-    options = bench.BenchOptions(dsum=("train.fast_cpu_dropout=false", "eval.cache=static", "eval.batch_size=8",
-                                       "train.max_tokens_per_batch=null"))
-    settings = options.dsum_settings()
+    chosen = options.BenchOptions(dsum=("train.fast_cpu_dropout=false", "eval.cache=static", "eval.batch_size=8",
+                                        "train.max_tokens_per_batch=null"))
+    settings = chosen.dsum_settings()
     assert settings == {"train": {"fast_cpu_dropout": False, "max_tokens_per_batch": None},
                         "eval": {"cache": "static", "batch_size": 8}}
-    assert options.command().endswith("--dsum train.fast_cpu_dropout=false --dsum eval.cache=static "
-                                      "--dsum eval.batch_size=8 --dsum train.max_tokens_per_batch=null")
-    assert bench.check_dsum_settings(settings, bench.CPU_MODELS + bench.CUDA_MODELS, bench.CPU_SIZES) == settings
+    assert chosen.command().endswith("--dsum train.fast_cpu_dropout=false --dsum eval.cache=static "
+                                     "--dsum eval.batch_size=8 --dsum train.max_tokens_per_batch=null")
+    assert recipes.check_dsum_settings(settings, sizes.CPU_MODELS + sizes.CUDA_MODELS, sizes.CPU_SIZES) == settings
     paths = {"model_source": {"name_or_path": str(tmp_path / "base")}, "tokenizer_dir": tmp_path / "tokenizer",
              "data_dir": tmp_path, "output_dir": tmp_path / "run"}
-    for spec in bench.CPU_MODELS:
-        shared = bench.bench_recipe(spec, bench.CPU_SIZES, **paths)
-        own = bench.bench_recipe(spec, bench.CPU_SIZES, **paths, dsum=settings)
-        assert bench.dsum_own_settings(shared, "train")["fast_cpu_dropout"] is True
-        assert bench.dsum_own_settings(own, "train")["fast_cpu_dropout"] is False
-        assert bench.dsum_own_settings(own, "eval") == {"batch_size": 8, "cache": "static", "compile": False,
+    for spec in sizes.CPU_MODELS:
+        shared = recipes.bench_recipe(spec, sizes.CPU_SIZES, **paths)
+        own = recipes.bench_recipe(spec, sizes.CPU_SIZES, **paths, dsum=settings)
+        assert recipes.dsum_own_settings(shared, "train")["fast_cpu_dropout"] is True
+        assert recipes.dsum_own_settings(own, "train")["fast_cpu_dropout"] is False
+        assert recipes.dsum_own_settings(own, "eval") == {"batch_size": 8, "cache": "static", "compile": False,
                                                          "encoder_batch_size": shared.eval.encoder_batch_size}
         changed = {("train", "fast_cpu_dropout"), ("eval", "cache"), ("eval", "batch_size")}
         a, b = recipe_to_dict(shared), recipe_to_dict(own)
         assert {(section, key) for section in a if isinstance(a[section], dict) for key in a[section]
                 if a[section][key] != b[section][key]} == changed
-    assert bench.BenchOptions().dsum_settings() == {"train": {}, "eval": {}}
+    assert options.BenchOptions().dsum_settings() == {"train": {}, "eval": {}}
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(monkeypatch, capsys):
@@ -388,12 +432,12 @@ def test_help_lists_the_quick_run_options(capsys):
 
 def test_options_below_one_are_refused(tmp_path):
     with pytest.raises(Exception, match="--train-steps: must be at least 1"):
-        bench.BenchOptions(data=tmp_path, train_steps=0).sizes()
+        options.BenchOptions(data=tmp_path, train_steps=0).sizes()
 
 
 def test_sizes_fit_the_recorded_command():
-    options = bench.BenchOptions(data=Path("/data/dialogsum"), json_path=Path("bench.json"), train_steps=3)
-    assert options.command() == "dsum bench --device cpu --data /data/dialogsum --json bench.json --train-steps 3"
-    assert options.sizes().train_steps == 3 and options.sizes().eval_dialogues == bench.CPU_SIZES.eval_dialogues
-    options = bench.BenchOptions(goals=True, data=Path("/d"), profile=Path("profiles"), record=True)
-    assert options.command() == "dsum bench --goals --device cpu --data /d --record --profile profiles"
+    chosen = options.BenchOptions(data=Path("/data/dialogsum"), json_path=Path("bench.json"), train_steps=3)
+    assert chosen.command() == "dsum bench --device cpu --data /data/dialogsum --json bench.json --train-steps 3"
+    assert chosen.sizes().train_steps == 3 and chosen.sizes().eval_dialogues == sizes.CPU_SIZES.eval_dialogues
+    chosen = options.BenchOptions(goals=True, data=Path("/d"), profile=Path("profiles"), record=True)
+    assert chosen.command() == "dsum bench --goals --device cpu --data /d --record --profile profiles"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import DIALOGSUM
-from dsum import bench, bench_goals
+from dsum.bench import dsum_way, goals, harness, inputs, options, peers, sizes
 from dsum.cli import main
 from dsum.data import load_split
 from dsum.config import validate_recipe
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     patch = pytest.MonkeyPatch()
-    patch.setitem(bench.SIZES, "cpu", replace(bench.CPU_SIZES, train_examples=TRAIN_EXAMPLES, warmup_steps=WARMUP))
+    patch.setitem(sizes.SIZES, "cpu", replace(sizes.CPU_SIZES, train_examples=TRAIN_EXAMPLES, warmup_steps=WARMUP))
     patch.chdir(out)
     stdout = io.StringIO()
     try:
@@ -45,7 +45,7 @@ def run(tmp_path_factory):
     finally:
         patch.undo()
         torch.set_num_threads(threads)
-        bench.fresh_state(0)
+        harness.fresh_state(0)
     assert status == 0, stdout.getvalue()[-2000:]
     [recorded] = (out / "benchmarks" / "results").iterdir()
     return json.loads(recorded.read_text()), stdout.getvalue(), out / "work"
@@ -67,7 +67,7 @@ def test_the_epoch_covers_every_training_example_once_and_reports_its_own_loop(r
     recipe = validate_recipe(run_json["recipe"])
     features = Featurizer(recipe, AutoTokenizer.from_pretrained(workdir / "tokenizer")).training_features(
         load_split(recipe.data, "train")[:TRAIN_EXAMPLES])
-    real = bench.feature_real_tokens(features, "seq2seq")
+    real = peers.feature_real_tokens(features, "seq2seq")
     assert figures["real_tokens_per_second"] * figures["train_seconds"] == pytest.approx(real, rel=1e-6)
     assert t5["settings"]["group_by_length"] and t5["settings"]["max_tokens_per_batch"] > 0
     assert "t5 (3,032,832 parameters, full fine-tuning; one epoch" in stdout
@@ -81,8 +81,8 @@ def test_the_llama_trains_on_packed_rows_of_the_sequence_length_over_the_timed_s
     assert llama["figures"]["steps"] == WARMUP + TRAIN_STEPS
     assert llama["figures"]["padding_efficiency"] == 1.0
     # The timed window: the steps after the warm-up, read from the run's metrics.jsonl.
-    sizes = replace(bench.CPU_SIZES, warmup_steps=WARMUP, train_steps=TRAIN_STEPS)
-    seconds, real, _ = bench.read_dsum_window(workdir / "llama" / "metrics.jsonl", sizes)
+    timed = replace(sizes.CPU_SIZES, warmup_steps=WARMUP, train_steps=TRAIN_STEPS)
+    seconds, real, _ = dsum_way.read_dsum_window(workdir / "llama" / "metrics.jsonl", timed)
     assert llama["figures"]["train_seconds"] == seconds
     assert llama["figures"]["real_tokens_per_second"] == pytest.approx(real / seconds)
     records = [json.loads(line) for line in (workdir / "llama" / "metrics.jsonl").read_text().splitlines()]
@@ -122,7 +122,7 @@ def test_the_results_are_recorded_under_a_name_that_says_when_where_what_and_whi
     [recorded] = (workdir.parent / "benchmarks" / "results").iterdir()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z-cpu-goals-([0-9a-f]{7}(-dirty)?|nogit)\.json", recorded.name), \
         recorded.name
-    assert recorded.name == bench.record_name(results["date"], "cpu", "goals", results["commit"], results["dirty"])
+    assert recorded.name == options.record_name(results["date"], "cpu", "goals", results["commit"], results["dirty"])
     assert " --record " in results["command"] and f"results: {Path('benchmarks/results') / recorded.name}" in stdout
 
 
@@ -143,38 +143,38 @@ def test_each_workload_is_profiled_early_in_its_training(run):
         assert workload["profile"]["mean_step_ms"] == record["mean_step_ms"]
 
 
-def _data(workdir: Path, examples: int = 50) -> bench.BenchData:
+def _data(workdir: Path, examples: int = 50) -> inputs.BenchData:
     """Enough of BenchData for the recipes: the DialogSum directory, a few examples, the trained tokenizer."""
     from dsum.config import DataConfig
 
     train = load_split(DataConfig(source=str(DIALOGSUM)), "train")[:examples]
-    return bench.BenchData(DIALOGSUM, train, [], examples, workdir / "tokenizer", 0.0, 0.0)
+    return inputs.BenchData(DIALOGSUM, train, [], examples, workdir / "tokenizer", 0.0, 0.0)
 
 
 def test_gpu_workloads_run_the_repository_recipes_with_their_shapes(run, tmp_path):
     """Everything before the GPU: each workload's recipe, built on the bench's tokenizer."""
     _, _, workdir = run
-    recipes = {w.model: bench_goals.workload_recipe(bench.select_models("cuda", [w.model])[0], w, bench.CUDA_SIZES,
+    recipes = {w.model: goals.workload_recipe(options.select_models("cuda", [w.model])[0], w, sizes.CUDA_SIZES,
                                                     _data(workdir), tmp_path / "base", tmp_path / w.model)
-               for w in bench_goals.WORKLOADS["cuda"]}
+               for w in goals.WORKLOADS["cuda"]}
     t5, qlora, lora = recipes["flan-t5-base"], recipes["llama-2-7b-qlora"], recipes["llama-2-7b-lora"]
     assert t5.train.num_epochs == 1 and t5.train.max_steps is None and t5.data.max_train_samples is None
     # As many tokens a micro-batch as fit the GPU: the epoch's 20 s leave no room for the bench's small batches.
     assert t5.train.group_by_length and t5.train.max_tokens_per_batch == "auto" and not t5.train.packing
-    assert t5.eval.batch_size == 512 and t5.eval.max_new_tokens == bench.CUDA_SIZES.max_new_tokens
+    assert t5.eval.batch_size == 512 and t5.eval.max_new_tokens == sizes.CUDA_SIZES.max_new_tokens
     assert t5.train.mixed_precision == "bf16" and t5.train.learning_rate == 1e-5  # recipes/flan-t5-base/full.yaml
     for llama in (qlora, lora):
         assert llama.train.packing and llama.train.max_tokens_per_batch == 1024
-        assert llama.train.max_steps == bench.CUDA_SIZES.warmup_steps + bench.CUDA_SIZES.train_steps
+        assert llama.train.max_steps == sizes.CUDA_SIZES.warmup_steps + sizes.CUDA_SIZES.train_steps
         assert llama.train.gradient_checkpointing and llama.model.dtype == "bfloat16"
     assert qlora.adapter.method == "qlora" and qlora.train.optimizer == "paged_adamw_8bit"
     assert lora.adapter.method == "lora" and lora.train.optimizer == "adamw"
-    for workload in bench_goals.WORKLOADS["cuda"]:  # a goal names a figure the run reports
-        assert workload.goals and set(workload.goals) <= set(bench_goals.FIGURES), workload.model
+    for workload in goals.WORKLOADS["cuda"]:  # a goal names a figure the run reports
+        assert workload.goals and set(workload.goals) <= set(goals.FIGURES), workload.model
 
 
 def test_goals_are_judged_by_their_sign():
-    judge = bench_goals.judge
+    judge = goals.judge
     assert judge(19.5, ("<=", 20.0)) == {"value": 19.5, "goal": "<= 20", "met": True}
     assert judge(20.5, ("<=", 20.0))["met"] is False
     assert judge(5000.0, (">=", 5000.0))["met"] is True and judge(4999.0, (">=", 5000.0))["met"] is False
@@ -184,19 +184,19 @@ def test_goals_are_judged_by_their_sign():
 
 
 def test_one_missed_goal_is_a_miss_whatever_was_not_measured():
-    assert bench_goals.overall([True, False, None]) is False
-    assert bench_goals.overall([True, None]) is None and bench_goals.overall([]) is None
-    assert bench_goals.overall([True, True]) is True
+    assert goals.overall([True, False, None]) is False
+    assert goals.overall([True, None]) is None and goals.overall([]) is None
+    assert goals.overall([True, True]) is True
 
 
 def test_a_missed_goal_is_reported_as_missed():
     workload = {"parameters": 10, "adapter": "qlora", "settings": {"epoch": False, "sequence_length": 1024},
                 "figures": {"real_tokens_per_second": 4000.0, "peak_gpu_reserved_gib": 9.0},
-                "goals": {"real_tokens_per_second": bench_goals.judge(4000.0, (">=", 5000.0)),
-                          "peak_gpu_reserved_gib": bench_goals.judge(9.0, ("<=", 10.0)),
-                          "mfu": bench_goals.judge(None, (">=", 0.25))}}
-    met = bench_goals.overall([goal["met"] for goal in workload["goals"].values()])
-    text = bench_goals.format_goals({"goals_met": met, "workloads": {"llama-2-7b-qlora": workload},
+                "goals": {"real_tokens_per_second": goals.judge(4000.0, (">=", 5000.0)),
+                          "peak_gpu_reserved_gib": goals.judge(9.0, ("<=", 10.0)),
+                          "mfu": goals.judge(None, (">=", 0.25))}}
+    met = goals.overall([goal["met"] for goal in workload["goals"].values()])
+    text = goals.format_goals({"goals_met": met, "workloads": {"llama-2-7b-qlora": workload},
                                      "dsum_options": ["eval.batch_size=32"],
                                      "machine": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2"}, "wall_seconds": 1})
     lines = [" ".join(line.split()) for line in text.splitlines()]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from dsum import bench, run_info
+from dsum import run_info
+from dsum.bench import options
 from dsum.profiling import HOST_CALLS, SUMMARY, Schedule, StepProfiler, analyse, brief, busy_share, describe
 
 
@@ -177,16 +178,16 @@ def test_profile_names_make_plain_file_names():
 
 def test_record_names_carry_date_device_kind_and_commit():
     sha = "2ea07b4301079167c2b38f1d01766862deca9305"
-    assert bench.record_name("2026-12-04T14:05:12+00:00", "cuda", "bench", sha, False) == \
+    assert options.record_name("2026-12-04T14:05:12+00:00", "cuda", "bench", sha, False) == \
         "2026-12-04T140512Z-cuda-bench-2ea07b4.json"
-    assert bench.record_name("2026-12-04T15:05:12+01:00", "cpu", "goals", sha, True) == \
+    assert options.record_name("2026-12-04T15:05:12+01:00", "cpu", "goals", sha, True) == \
         "2026-12-04T140512Z-cpu-goals-2ea07b4-dirty.json"
-    assert bench.record_name("2026-12-04T14:05:12+00:00", "cpu", "bench", None, None) == \
+    assert options.record_name("2026-12-04T14:05:12+00:00", "cpu", "bench", None, None) == \
         "2026-12-04T140512Z-cpu-bench-nogit.json"
-    options = bench.BenchOptions(device="cuda", record=True)
+    chosen = options.BenchOptions(device="cuda", record=True)
     results = {"date": "2026-12-04T14:05:12+00:00", "commit": sha, "dirty": False}
-    assert options.results_path(results) == Path("benchmarks/results/2026-12-04T140512Z-cuda-bench-2ea07b4.json")
-    assert bench.BenchOptions(json_path=Path("b.json")).results_path(results) == Path("b.json")
+    assert chosen.results_path(results) == Path("benchmarks/results/2026-12-04T140512Z-cuda-bench-2ea07b4.json")
+    assert options.BenchOptions(json_path=Path("b.json")).results_path(results) == Path("b.json")
 
 
 def test_the_commit_is_the_checkouts_and_none_elsewhere(tmp_path, monkeypatch):

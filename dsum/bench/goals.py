@@ -1,46 +1,32 @@
-"""`dsum bench --goals`: dsum alone, on the workloads BENCHMARKS.md sets absolute goals for on one GPU.
-
-    dsum bench --goals --device cuda --json goals.json --data PATH_TO_DIALOGSUM
-
-  flan-t5-base      full fine-tuning for one epoch of the training split: seconds, real tokens/s, MFU;
-                    then greedy generation for the test dialogues: seconds
-  llama-2-7b-qlora  QLoRA on rows of 1,024 tokens (training examples packed end to end): real tokens/s
-                    and peak GPU memory
-  llama-2-7b-lora   LoRA on a bf16 base, on the same rows: real tokens/s
-
-The models are the bench's random-init architectures, the recipes the repository's (optimizer,
-precision, adapter, gradient checkpointing), with dsum's speed settings. Where the three-way bench
-(`dsum.bench`) compares ways on the same few steps, this one times what a user runs: the epoch from
-its first step to its last, the Llama runs over the bench's timed steps after its warm-up.
-`--device cpu` runs the bench's small stand-ins the same way, with no goals: a check of the whole path.
-"""
+"""`dsum bench --goals`: dsum alone, on the workloads BENCHMARKS.md sets absolute goals for on one GPU,
+timed as a user runs them (an epoch from its first step, or the bench's timed steps after its warm-up)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsum.bench import (BenchData, BenchOptions, ModelSpec, Sizes, check_device, check_dsum_settings, data_directory,
-                        dsum_generation_settings, dsum_speed_settings, eval_dsum, eval_model, free_memory, fresh_state,
-                        machine, phase, profile_directory, provenance, recipe_settings, report, save_base, base_name,
-                        select_models, window_totals, workspace)
-from dsum.config import Recipe, RecipeError, validate_recipe
+from dsum.bench.dsum_way import eval_dsum, window_totals
+from dsum.bench.harness import fresh_state, free_memory, phase, workspace
+from dsum.bench.inputs import BenchData, base_name, eval_model, save_base
+from dsum.bench.options import BenchOptions, check_device, data_directory, select_models
+from dsum.bench.recipes import bench_recipe, check_dsum_settings, dsum_speed_settings
+from dsum.bench.report import provenance, report, run_fields
+from dsum.bench.sizes import ModelSpec, Sizes
+from dsum.config import Recipe, RecipeError
 from dsum.distributed import tell_deepspeed_the_device
 from dsum.profiling import Schedule, StepProfiler, brief
-from dsum.run_info import source_checkout
 
 
 @dataclass(frozen=True)
 class Workload:
     """What is timed on one of the device's bench models, and the goals its figures must meet."""
 
-    model: str  # a ModelSpec name of the device (dsum.bench.MODELS)
+    model: str  # a ModelSpec name of the device (dsum.bench.sizes.MODELS)
     epoch: bool = False  # one epoch of the training examples, first step included; else the bench's timed steps
     sequence_length: int | None = None  # causal: the examples packed end to end in rows of this many tokens
     # Tokens a micro-batch, length-grouped, in place of the bench's (batch size x mean example tokens);
@@ -83,8 +69,8 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
     cpu_speed.start_run(options.device)  # for every way alike, from the start
     sizes = options.sizes()
     workloads = select_workloads(options.device, options.models)
-    settings = check_dsum_settings(options.dsum_settings(), [select_models(options.device, [w.model])[0]
-                                                             for w in workloads], sizes)
+    specs = {spec.name: spec for spec in select_models(options.device, [w.model for w in workloads], options.recipes)}
+    settings = check_dsum_settings(options.dsum_settings(), list(specs.values()), sizes)
     data_dir = data_directory(options.data)
     load_before = os.getloadavg()
     with workspace(options.workdir) as workdir:
@@ -93,22 +79,15 @@ def run_goals(options: BenchOptions) -> dict[str, Any]:
             note(f"{len(data.train)} training dialogues, {len(data.test)} test dialogues")
         results = {}
         for workload in workloads:
-            results[workload.model] = run_workload(workload, sizes, data, options.device, workdir, settings,
-                                                   options.profile)
+            results[workload.model] = run_workload(workload, specs[workload.model], sizes, data, options.device,
+                                                   workdir, settings, options.profile)
             free_memory()
     summary = {
         "goals_met": overall([goal["met"] for r in results.values() for goal in r["goals"].values()]),
         "workloads": results,
         "data": {"directory": str(data.directory), "train_dialogues": len(data.train),
                  "test_dialogues": len(data.test), "tokenizer_vocab": sizes.vocab_size},
-        "sizes": asdict(sizes),
-        "dsum_options": list(options.dsum),  # `--dsum`: set over the workloads' own settings
-        "machine": machine(options.device, load_before),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": options.command(),
-        **source_checkout(),  # commit, dirty
-        "profile_dir": profile_directory(options),
-        "wall_seconds": time.perf_counter() - started,
+        **run_fields(sizes, options, load_before, started),
     }
     report(format_goals(summary), summary, options.results_path(summary))
     return summary
@@ -123,13 +102,12 @@ def select_workloads(device: str, names: tuple[str, ...] | None) -> list[Workloa
     return [known[name] for name in dict.fromkeys(names)] if names else list(known.values())
 
 
-def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str, workdir: Path,
+def run_workload(workload: Workload, spec: ModelSpec, sizes: Sizes, data: BenchData, device: str, workdir: Path,
                  settings: dict[str, dict[str, Any]], profile_dir: Path | None = None) -> dict[str, Any]:
     """Train (and generate) one workload; with `profile_dir`, a few steps of its training are profiled:
     those right after the bench's warm-up steps, early in an epoch."""
     from dsum.train import train
 
-    [spec] = select_models(device, [workload.model])
     with phase(f"{spec.name}: random-init base") as note:
         base, parameters = save_base(spec, sizes, data, device, workdir / "bases" / base_name(spec))
         note(f"{parameters:,} parameters")
@@ -156,7 +134,7 @@ def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str,
     return {
         "parameters": parameters,
         "architecture": spec.architecture,
-        "recipe": spec.recipe if isinstance(spec.recipe, str) else "inline (dsum/bench.py cpu_recipe)",
+        "recipe": spec.recipe_source,
         "adapter": recipe.adapter.method,
         "settings": {"epoch": workload.epoch, "sequence_length": workload.sequence_length,
                      **{key: getattr(recipe.train, key) for key in ("group_by_length", "max_tokens_per_batch", "packing",
@@ -174,44 +152,31 @@ def run_workload(workload: Workload, sizes: Sizes, data: BenchData, device: str,
 
 def workload_recipe(spec: ModelSpec, workload: Workload, sizes: Sizes, data: BenchData, base: Path,
                     output_dir: Path, settings: dict[str, dict[str, Any]] | None = None) -> Recipe:
-    """The spec's recipe as a user runs it, on the saved base and the bench's tokenizer and data, with
-    dsum's speed settings: length-grouped token budgets, or packed rows of `sequence_length`; then
-    `settings` (`--dsum`'s recipe sections) over them."""
-    from transformers import AutoTokenizer
-
-    from dsum.features import Featurizer
-
-    raw = recipe_settings(spec)
-    model = raw.get("model", {})
-    raw["model"] = {"family": model["family"], "dtype": model.get("dtype", "float32"), "name_or_path": str(base)}
-    raw["tokenizer"] = {**raw.get("tokenizer", {}), "name_or_path": str(data.tokenizer_dir)}
-    raw["data"] = {"source": str(data.directory), "max_train_samples": sizes.train_examples}
-    length = ({"num_epochs": 1, "max_steps": None} if workload.epoch else
-              {"max_steps": sizes.warmup_steps + sizes.train_steps,
-               "logging_steps": math.gcd(sizes.warmup_steps, sizes.train_steps)})  # for read_dsum_window
-    raw["train"] = {**raw.get("train", {}), **length, "eval_steps": None, "save_steps": None, "eval_max_batches": 1,
-                    "trackers": [], "seed": sizes.seed}
-    raw["eval"] = {**raw.get("eval", {}), "after_training": False, "max_new_tokens": sizes.max_new_tokens,
-                   "num_beams": 1, "do_sample": False, "validation_samples": 0,
-                   **dsum_generation_settings(model["family"], sizes, workload.eval_batch_size)}
-    raw["output_dir"] = str(output_dir)
+    """The spec's recipe as a user runs it (`bench_recipe(as_written=True)`), with dsum's speed settings:
+    length-grouped token budgets, or packed rows of `sequence_length`; then `settings` (`--dsum`'s)."""
+    paths = {"model_source": {"name_or_path": str(base)}, "tokenizer_dir": data.tokenizer_dir,
+             "data_dir": data.directory, "output_dir": output_dir, "as_written": True, "epoch": workload.epoch,
+             "eval_batch_size": workload.eval_batch_size}
     if workload.sequence_length is not None:
         speed = {"packing": True, "max_tokens_per_batch": workload.sequence_length, "group_by_length": False}
     elif workload.token_budget is not None:
         speed = {"group_by_length": True, "max_tokens_per_batch": workload.token_budget}
     else:
-        recipe = validate_recipe(raw, source=f"dsum bench --goals recipe for {spec.name}")
+        from transformers import AutoTokenizer
+
+        from dsum.features import Featurizer
+
+        recipe = bench_recipe(spec, sizes, **paths)
         features = Featurizer(recipe, AutoTokenizer.from_pretrained(data.tokenizer_dir)).training_features(data.train)
         speed = dsum_speed_settings(recipe.model.family, recipe.train.per_device_batch_size, features)
-    raw["train"].update(speed)
-    for section, values in (settings or {}).items():
-        raw[section].update(values)
-    return validate_recipe(raw, source=f"dsum bench --goals recipe for {spec.name}")
+    settings = settings or {}
+    return bench_recipe(spec, sizes, **paths, dsum={"train": {**speed, **settings.get("train", {})},
+                                                    "eval": settings.get("eval", {})})
 
 
 def training_figures(workload: Workload, recipe: Recipe, sizes: Sizes) -> dict[str, Any]:
     """From the run's own telemetry: over the whole loop for an epoch (run.json), over the timed steps
-    after the warm-up otherwise (metrics.jsonl)."""
+    after the warm-up otherwise (metrics.jsonl, `dsum_way.window_totals`)."""
     output_dir = Path(recipe.output_dir)
     run = json.loads((output_dir / "run.json").read_text())
     telemetry = run["telemetry"]
