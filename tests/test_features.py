@@ -219,7 +219,7 @@ def test_a_model_trained_with_flex_attention_generates_with_transformers_own(tok
 def test_a_micro_batchs_counts_are_those_of_its_tensors(tokenizers, multiple):
     """dsum counts its own batches on the host (MicroBatch); the tensors say the same, padded, packed and
     rounded up to a multiple (the bench counts its other ways' padded batches from their tensors alike)."""
-    from dsum.bench import token_counts
+    from dsum.bench.peers import token_counts
 
     for family, packings in (("t5", (False,)), ("llama", (False, True))):
         recipe, tok = tokenizers[family]
