@@ -21,8 +21,8 @@ import torch
 from dsum import distributed, faults
 from dsum.config import Recipe, RecipeError, RunError
 from dsum.modeling import config_family, load_model, load_tokenizer
-from dsum.run_dir import (BASE_DIR, CHECKPOINTS, FINAL, MARKER, STATE_FILE, checkpoint_path, complete_checkpoints,
-                           write_failure, written)
+from dsum.run_dir import (BASE_DIR, CHECKPOINTS, EVAL_DIR, FINAL, MARKER, RUN_FILE, STATE_FILE, checkpoint_path,
+                           complete_checkpoints, write_failure, written)
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """The checkpoint that `--resume latest` or `--resume PATH` names."""
@@ -244,33 +244,56 @@ def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
 
 
 def load_for_eval(recipe: Recipe, checkpoint: Path | None):
-    """(model, tokenizer): a full checkpoint, an adapter on its base, or the recipe's base alone."""
+    """(model, tokenizer): a full checkpoint, an adapter on its base, or the recipe's base alone. A checkpoint
+    brings what it needs from where it is: its own tokenizer (or its run's), and an adapter its base as
+    `adapter_config.json` names it; the recipe's base and output_dir serve where it names none."""
     from transformers import AutoTokenizer
 
-    if checkpoint is not None and not checkpoint.is_dir():
-        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
-    if checkpoint is not None:
-        check_checkpoint_family(recipe, checkpoint)
-    run_dir = Path(recipe.output_dir)
-    base = recipe.model.name_or_path or run_dir / BASE_DIR
-    if recipe.model.name_or_path is None and not (run_dir / BASE_DIR / "config.json").is_file():
-        raise RecipeError(f"model.architecture: no random-init base in {run_dir / BASE_DIR}; train the recipe first")
     if checkpoint is None:
-        tokenizer = load_tokenizer(recipe, run_dir)
-        return load_model(recipe, base, for_training=False), tokenizer
+        return load_model(recipe, recipe_base(recipe), for_training=False), load_tokenizer(recipe, Path(recipe.output_dir))
+    if not checkpoint.is_dir():
+        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
+    check_checkpoint_family(recipe, checkpoint)
+    run = owning_run(checkpoint) or Path(recipe.output_dir)
     tokenizer = (AutoTokenizer.from_pretrained(checkpoint) if (checkpoint / "tokenizer_config.json").is_file()
-                 else load_tokenizer(recipe, run_dir))
+                 else load_tokenizer(recipe, run))
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        config = json.loads((checkpoint / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path") or base
+        named = json.loads((checkpoint / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = named if named and (Path(named).is_dir() or not Path(named).is_absolute()) else recipe_base(recipe)
         model = PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint)
         return (model.merge_and_unload() if recipe.eval.merge_adapter else model), tokenizer
     if (checkpoint / "config.json").is_file():
         recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "none"})})
         return load_model(recipe, checkpoint, for_training=False), tokenizer
     raise RecipeError(f"--checkpoint {checkpoint}: neither a model (config.json) nor an adapter (adapter_config.json)")
+
+
+def recipe_base(recipe: Recipe) -> str | Path:
+    """The recipe's base weights: model.name_or_path, or the random-init base its run wrote."""
+    if recipe.model.name_or_path is not None:
+        return recipe.model.name_or_path
+    base = Path(recipe.output_dir) / BASE_DIR
+    if not (base / "config.json").is_file():
+        raise RecipeError(f"model.architecture: no random-init base in {base}; train the recipe first, or give "
+                          "output_dir=RUN of the run that trained it")
+    return base
+
+
+def evaluation_dir(recipe: Recipe, checkpoint: Path | None) -> Path:
+    """Where `dsum eval` writes without --output-dir: a run's eval/ beside the final/ it evaluates; else the
+    recipe's output_dir/eval."""
+    run = owning_run(checkpoint) if checkpoint is not None and checkpoint.name == FINAL else None
+    return (run or Path(recipe.output_dir)) / EVAL_DIR
+
+
+def owning_run(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (its `final/` or `checkpoints/step-N`), if it is in one."""
+    for candidate in (checkpoint.parent, checkpoint.parent.parent):
+        if (candidate / RUN_FILE).is_file():
+            return candidate
+    return None
 
 
 def check_checkpoint_family(recipe: Recipe, checkpoint: Path) -> None:

@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="generate and score a model on eval.split")
     add_recipe_arguments(evaluate)
     evaluate.add_argument("--checkpoint", type=Path, metavar="DIR",
-                          help="a run's final/ (full model or adapter); default: the recipe's base model, zero-shot")
-    evaluate.add_argument("--output-dir", type=Path, metavar="DIR", help="default: <output_dir>/eval")
+                          help="a run's final/ (full model or adapter), from any directory; default: the recipe's base "
+                               "model, zero-shot")
+    evaluate.add_argument("--output-dir", type=Path, metavar="DIR",
+                          help="default: eval/ beside the final/ evaluated, else <output_dir>/eval")
     evaluate.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in the output directory")
     evaluate.add_argument("--skip-finished", action="store_true",
                           help="do nothing if the output directory holds a finished evaluation (for requeued jobs)")

@@ -24,7 +24,7 @@ from dsum.config import Recipe, RecipeError, recipe_to_dict
 from dsum.console import evaluation_summary
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, generate_predictions
-from dsum.checkpoint import load_for_eval
+from dsum.checkpoint import evaluation_dir, load_for_eval
 from dsum.preemption import StopSignals
 from dsum.prompts import pick_shots
 from dsum.run_dir import BASE_DIR
@@ -152,7 +152,7 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
     from dsum.modeling import warn_of_remote_code
 
     warn_of_remote_code(recipe)
-    output_dir = output_dir or Path(recipe.output_dir) / "eval"
+    output_dir = output_dir or evaluation_dir(recipe, checkpoint)
     if (output_dir / METRICS_FILE).is_file() and not overwrite:
         if skip_finished:
             if distributed.is_main():

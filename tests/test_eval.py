@@ -394,3 +394,19 @@ def test_what_generate_cannot_do_is_refused_before_generating(tmp_path):
     assert refusal("llama-full", llama, *compiled, synced_gpus=True).startswith("eval.compile: not under ZeRO-3")
     llama.hf_quantizer = SimpleNamespace(is_compileable=False)
     assert refusal("llama-full", llama, *compiled).startswith("eval.compile: transformers does not compile")
+
+
+@pytest.mark.parametrize("name", ["t5-lora", "t5-full"])
+def test_a_final_checkpoint_is_evaluated_from_anywhere_with_what_it_brings(tmp_path, name, monkeypatch):
+    """`dsum eval RECIPE --checkpoint RUN/final` with the recipe's own output_dir (where nothing was trained):
+    the adapter finds its random-init base through adapter_config.json, the tokenizer is final/'s, and the
+    evaluation lands in RUN/eval beside it."""
+    run = tmp_path / "elsewhere" / "run"
+    train(tiny(name, run, "train.max_steps=2"))
+    monkeypatch.chdir(tmp_path)  # the recipe's output_dir (runs/tiny-...) resolves here, and holds nothing
+    result = run_dsum("eval", str(ROOT / "recipes" / "tiny" / f"{name}.yaml"), "data.synthetic.test_size=3",
+                      "eval.max_new_tokens=4", "--checkpoint", str(run / "final"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["model"] == str((run / "final").resolve())
+    assert not (tmp_path / "runs").exists()
