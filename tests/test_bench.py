@@ -378,7 +378,7 @@ def test_the_command_imports_the_bench_only_when_it_runs():
             "print(sorted(m for m in sys.modules if m.startswith(('dsum.bench', 'torch'))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.stdout.strip() == "['dsum.bench', 'dsum.bench.options', 'dsum.bench.peers', 'dsum.bench.sizes']"
+    assert done.stdout.strip() == "['dsum.bench', 'dsum.bench.options', 'dsum.bench.sizes']"
 
 
 def test_dsum_options_change_dsums_own_way_alone(tmp_path):
