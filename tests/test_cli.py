@@ -145,9 +145,10 @@ def evaluation_faults(mode: str, **env: str) -> tuple[str, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_the_command_keeps_freed_tensor_memory_for_the_next_batches():
     """By default glibc hands the memory of a batch's freed tensors back, and the next batches fault it
-    in again (tens of thousands of pages here); kept, a few thousand at most."""
+    in again (9,500 to 45,000 pages here, as threads happen to share the work); kept, a tenth of that at
+    most (tens to hundreds)."""
     _, faults = evaluation_faults("default")
-    assert faults > 10_000
+    assert faults > 3_000
     kept, kept_faults = evaluation_faults("keep")
     assert kept == "True" and kept_faults < faults / 10
 
