@@ -216,3 +216,26 @@ class LogWindow:
         self.loss.zero_()
         self.targets = self.real_tokens = self.processed = 0
         self.flops = 0.0
+
+
+class Stretch:
+    """The loop from the end of one optimizer step to its end (`train(timed_from_step=N)`): what a benchmark
+    times after its warm-up, kept in run.json's telemetry as `after_step`."""
+
+    KEYS = ("real_tokens", "processed_tokens", "flops")
+
+    def __init__(self, step: int, seen: dict[str, float], window: list[float], set_aside: float):
+        _, _, real, processed, flops = window  # the log window's totals, read back: the device has finished the step
+        self.step, self.set_aside, self.started = step, set_aside, time.perf_counter()
+        self.start = dict(zip(self.KEYS, (seen["real_tokens"] + real, seen["processed_tokens"] + processed,
+                                          seen["flops"] + flops)))
+
+    def summary(self, step: int, seen: dict[str, float], ended: float, set_aside: float, peak_flops: float | None,
+                world_size: int) -> dict[str, float]:
+        """Its figures at the loop's end (`seen` as the last logging step left it), validation and saves left out."""
+        seconds = ended - self.started - (set_aside - self.set_aside)
+        real, processed, flops = (seen[key] - self.start[key] for key in self.KEYS)
+        return {"from_step": self.step, "steps": step - self.step, "seconds": seconds, "real_tokens": real,
+                "processed_tokens": processed, "tokens_per_second": real / seconds,
+                "processed_tokens_per_second": processed / seconds, "padding_efficiency": real / max(processed, 1),
+                **model_flops(flops, seconds, peak_flops, world_size)}

@@ -34,24 +34,26 @@ from dsum.modeling import (check_buildable, check_packing, describe_parameters, 
                            training_attention, warn_of_remote_code)
 from dsum.profiling import StepProfiler
 from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info, mark_finished
-from dsum.telemetry import (FlopCounter, LogWindow, StepClock, device_peak_flops, model_flops, reset_gpu_peaks,
-                            telemetry_summary)
+from dsum.telemetry import (FlopCounter, LogWindow, StepClock, Stretch, device_peak_flops, model_flops,
+                            reset_gpu_peaks, telemetry_summary)
 
 
 
 def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
-          run_tags: dict[str, Any] | None = None, profile: StepProfiler | None = None) -> Path:
+          run_tags: dict[str, Any] | None = None, profile: StepProfiler | None = None,
+          timed_from_step: int | None = None) -> Path:
     """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json;
-    `profile` (dsum.profiling) is told of the end of every optimizer step.
+    `profile` (dsum.profiling) is told of the end of every optimizer step; with `timed_from_step`, run.json's
+    telemetry also holds `after_step`, the figures of the steps after it (a benchmark's timed window).
 
     SIGUSR1 or SIGTERM, from the start: save a checkpoint at the next step boundary and raise `Stopped`.
     """
     with StopSignals() as stop, ExitStack() as closing, profile or StepProfiler.off() as profile:
-        return _train(recipe, resume, overwrite, run_tags or {}, stop, closing, profile)
+        return _train(recipe, resume, overwrite, run_tags or {}, stop, closing, profile, timed_from_step)
 
 
 def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[str, Any], stop: StopSignals,
-           closing: ExitStack, profile: StepProfiler) -> Path:
+           closing: ExitStack, profile: StepProfiler, timed_from_step: int | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -171,6 +173,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     clock = StepClock(accelerator.device)
     seen = {"real_tokens": 0.0, "processed_tokens": 0.0, "flops": 0.0}  # over the whole loop, for the summary in run.json
     set_aside = 0.0  # seconds the loop spent validating and saving checkpoints: not training, not in the rates
+    stretch = None  # from timed_from_step to the end
     started = last_log = time.perf_counter()
     # Between logging steps nothing is read back from the device (counts come from the host, the loss
     # and gradient norm stay on the device until logged), so the host queues a step's work and goes on
@@ -270,8 +273,11 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
             last_log += aside  # the next logged rates count training time alone
             set_aside += aside
         profile.step()
+        if step == timed_from_step and step < total_steps:
+            stretch = Stretch(step, seen, window_log.totals(), set_aside)
     progress.close()
-    loop_seconds = time.perf_counter() - started
+    loop_ended = time.perf_counter()
+    loop_seconds = loop_ended - started
     if fast_dropout is not None:
         fast_dropout.remove()  # the model is saved and evaluated as it was loaded
     if attention != recipe.model.attn_implementation:
@@ -293,6 +299,8 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     run.update(trained=True, steps=step, seconds=time.perf_counter() - started,
                validation_loss=record["validation_loss"], skipped_steps=guard.skipped,
                telemetry=telemetry_summary(seen, loop_seconds, set_aside, clock, peak_flops, world_size)
+               | ({"after_step": stretch.summary(step, seen, loop_ended, set_aside, peak_flops, world_size)}
+                  if stretch is not None else {})
                | ({"compiled_graphs": compiled.graphs} if compiled is not None else {}))
     if recipe.eval.after_training:
         from dsum.evaluate import evaluate

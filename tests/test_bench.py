@@ -298,22 +298,16 @@ def test_token_counts_use_dsum_definitions():
     assert sum(peers.token_counts(notebook.stack([r]), "seq2seq")[0] for r in rows) == seq2seq.real_tokens
 
 
-def test_dsum_window_is_read_from_its_metrics(tmp_path):
-    """Warm-up 2, timed 4, a record every 2 steps: the window is the last two records."""
-    records = [{"step": 2, "tokens_per_second": 50.0, "processed_tokens_per_second": 100.0, "elapsed_seconds": 3.0},
-               {"step": 4, "tokens_per_second": 100.0, "processed_tokens_per_second": 110.0, "elapsed_seconds": 5.0},
-               {"step": 6, "tokens_per_second": 300.0, "processed_tokens_per_second": 310.0, "elapsed_seconds": 6.0},
-               {"step": 6, "validation_loss": 1.0}]
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def test_dsum_is_timed_by_its_own_telemetry_over_the_bench_s_steps():
+    """Warm-up 2, timed 4: the figures of run.json's after_step, which must cover exactly those steps."""
     window = replace(sizes.CPU_SIZES, warmup_steps=2, train_steps=4)
-    assert dsum_way.read_dsum_window(path, window) == (3.0, 100 * 2 + 300 * 1, 110 * 2 + 310 * 1)
-    # The recipe's side of it: the loop logs at the end of the warm-up (and, as always, at its last step).
-    assert recipes.window_logging(window) == {"logging_steps": 2}
-    # A run that did not log at the end of the warm-up has no window to read, and says why.
-    path.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))
-    with pytest.raises(RuntimeError, match="no record at step 2, the end of the warm-up"):
-        dsum_way.read_dsum_window(path, window)
+    timed = {"from_step": 2, "steps": 4, "seconds": 3.0, "real_tokens": 500.0, "processed_tokens": 530.0}
+    assert dsum_way.timed_window({"telemetry": {"after_step": timed}}, window) == timed
+    # A run timed over other steps, or not at all, has no window to give, and says why.
+    with pytest.raises(RuntimeError, match="timed 3 steps after step 3, not the bench's 4 steps after 2"):
+        dsum_way.timed_window({"telemetry": {"after_step": {**timed, "from_step": 3, "steps": 3}}}, window)
+    with pytest.raises(RuntimeError, match="timed none"):
+        dsum_way.timed_window({"telemetry": {}}, window)
 
 
 def test_gpu_architectures_have_the_real_parameter_counts():
@@ -338,7 +332,6 @@ def test_gpu_recipes_take_their_settings_from_recipes(tmp_path):
                                     dsum={"train": speed})
         assert recipe.train.mixed_precision == "bf16" and recipe.train.optimizer == "adamw"
         assert recipe.train.max_steps == sizes.CUDA_SIZES.warmup_steps + sizes.CUDA_SIZES.train_steps
-        assert recipe.train.logging_steps == sizes.CUDA_SIZES.warmup_steps  # a record where the timed window starts
         assert recipe.adapter.method == {"flan-t5-base": "none", "flan-t5-large": "none", "llama-2-7b-lora": "lora",
                                          "llama-2-7b-qlora": "qlora"}[spec.name]
         assert recipe.tokenizer.max_source_length == 512 and recipe.tokenizer.max_target_length == 128

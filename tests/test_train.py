@@ -262,7 +262,8 @@ def test_grouping_by_length_raises_the_logged_padding_efficiency(tmp_path):
 
 
 def test_telemetry_splits_the_step_time_and_sums_up_the_run(tmp_path):
-    run = train(tiny("t5-full", tmp_path / "run", "train.max_steps=6", "train.logging_steps=3")).parent
+    run = train(tiny("t5-full", tmp_path / "run", "train.max_steps=6", "train.logging_steps=3"),
+                timed_from_step=3).parent
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows] == [3, 6]
     for r in rows:
@@ -277,6 +278,13 @@ def test_telemetry_splits_the_step_time_and_sums_up_the_run(tmp_path):
     assert summary["data_seconds"] == pytest.approx(sum(r["data_seconds"] for r in rows))
     assert rows[-1]["elapsed_seconds"] <= summary["loop_seconds"] < rows[-1]["elapsed_seconds"] + 1
     assert 0 < summary["padding_efficiency"] <= 1 and summary["tokens_per_second"] > 0
+    # timed_from_step=3: the figures of steps 4 to 6 alone, which the log of step 6 also covers.
+    after = summary["after_step"]
+    assert (after["from_step"], after["steps"]) == (3, 3)
+    assert after["padding_efficiency"] == rows[-1]["padding_efficiency"]  # the same tokens, counted alike
+    assert after["real_tokens"] == round(after["real_tokens"]) > 0
+    assert 0 < after["seconds"] < summary["loop_seconds"]  # it starts after step 3 and ends with the loop
+    assert after["tokens_per_second"] == pytest.approx(after["real_tokens"] / after["seconds"])
 
 
 def test_validation_and_checkpoint_time_is_kept_out_of_the_rates(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsum.bench.dsum_way import eval_dsum, window_totals
+from dsum.bench.dsum_way import eval_dsum, timed_window
 from dsum.bench.harness import fresh_state, free_memory, phase, workspace
 from dsum.bench.inputs import BenchData, base_name, eval_model, save_base
 from dsum.bench.options import BenchOptions, check_device, data_directory, select_models
@@ -117,7 +117,8 @@ def run_workload(workload: Workload, spec: ModelSpec, sizes: Sizes, data: BenchD
         sizes.warmup_steps, None if workload.epoch else sizes.warmup_steps + sizes.train_steps))
     with phase(f"{spec.name}: train, {what}") as note:
         fresh_state(sizes.seed)
-        train(recipe, overwrite=True, profile=profile)
+        timed_from = None if workload.epoch else sizes.warmup_steps
+        train(recipe, overwrite=True, profile=profile, timed_from_step=timed_from)
         figures = training_figures(workload, recipe, sizes)
         note(f"{figures['real_tokens_per_second']:,.0f} real tokens/s over {figures['train_seconds']:.1f}s")
     free_memory()
@@ -176,7 +177,7 @@ def workload_recipe(spec: ModelSpec, workload: Workload, sizes: Sizes, data: Ben
 
 def training_figures(workload: Workload, recipe: Recipe, sizes: Sizes) -> dict[str, Any]:
     """From the run's own telemetry: over the whole loop for an epoch (run.json), over the timed steps
-    after the warm-up otherwise (metrics.jsonl, `dsum_way.window_totals`)."""
+    after the warm-up otherwise (run.json's `after_step`, `dsum_way.timed_window`)."""
     output_dir = Path(recipe.output_dir)
     run = json.loads((output_dir / "run.json").read_text())
     telemetry = run["telemetry"]
@@ -191,12 +192,10 @@ def training_figures(workload: Workload, recipe: Recipe, sizes: Sizes) -> dict[s
                           "real_tokens_per_second": telemetry["tokens_per_second"],
                           "padding_efficiency": telemetry["padding_efficiency"],
                           "model_tflops_per_second": telemetry["model_tflops_per_second"], "mfu": telemetry.get("mfu")}
-    seconds, totals = window_totals(output_dir / "metrics.jsonl", sizes, ("tokens_per_second",
-                                    "processed_tokens_per_second", "model_tflops_per_second", "mfu"))
-    return figures | {"train_seconds": seconds, "real_tokens_per_second": totals["tokens_per_second"] / seconds,
-                      "padding_efficiency": totals["tokens_per_second"] / totals["processed_tokens_per_second"],
-                      "model_tflops_per_second": totals["model_tflops_per_second"] / seconds,
-                      "mfu": None if totals["mfu"] is None else totals["mfu"] / seconds}
+    timed = timed_window(run, sizes)
+    return figures | {"train_seconds": timed["seconds"], "real_tokens_per_second": timed["tokens_per_second"],
+                      "padding_efficiency": timed["padding_efficiency"],
+                      "model_tflops_per_second": timed["model_tflops_per_second"], "mfu": timed.get("mfu")}
 
 
 def judge(value: float | None, goal: tuple[str, float]) -> dict[str, Any]:

@@ -52,12 +52,6 @@ def recipe_settings(spec: ModelSpec, recipes: Path | None = None) -> dict[str, A
     return read_yaml(path, "recipe")
 
 
-def window_logging(sizes: Sizes) -> dict[str, int]:
-    """What dsum's loop must log for the bench to read its timed window (`dsum_way.read_dsum_window`): a
-    metrics.jsonl record at the end of the warm-up. Every logging_steps-th step is logged, and the last."""
-    return {"logging_steps": sizes.warmup_steps}
-
-
 def bench_recipe(spec: ModelSpec, sizes: Sizes, *, model_source: dict[str, Any], tokenizer_dir: Path, data_dir: Path,
                  output_dir: Path, as_written: bool = False, epoch: bool = False, eval_batch_size: int | None = None,
                  dsum: dict[str, dict[str, Any]] | None = None) -> Recipe:
@@ -80,7 +74,8 @@ def bench_recipe(spec: ModelSpec, sizes: Sizes, *, model_source: dict[str, Any],
     shared = {} if as_written else {"optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0,
                                     "warmup_ratio": 0.0}
     length = ({"num_epochs": 1, "max_steps": None} if epoch else
-              {"max_steps": sizes.warmup_steps + sizes.train_steps, **window_logging(sizes)})
+              {"max_steps": sizes.warmup_steps + sizes.train_steps,
+               "logging_steps": sizes.warmup_steps})  # as before: each log reads the loss back from the device
     own = dsum or {}
     raw["train"] = {**raw.get("train", {}), **shared, **length, "eval_steps": None, "save_steps": None,
                     "eval_max_batches": 1, "trackers": [], "seed": sizes.seed, **own.get("train", {})}
