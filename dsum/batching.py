@@ -1,24 +1,5 @@
-"""Which examples each rank trains on, in which micro-batch and accumulation window, epoch by epoch.
-
-The order is a pure function of (seed, epoch): every rank computes the same global order and takes
-its own slice, and a resumed run finds its place from the optimizer step alone. A global
-micro-batch is a run of consecutive examples of the epoch's order; rank r takes every
-world_size-th of them starting at r, so one rank with a batch of 2B sees exactly the examples that
-two ranks with B each see together. An optimizer step is a window of up to
-`gradient_accumulation_steps` micro-batches; the epoch's last window may be shorter.
-
-A micro-batch holds `per_device_batch_size` examples per rank, or, with a token budget
-(train.max_tokens_per_batch), as many as keep every rank's tokens within it. Tokens count padding:
-rows x the longest example, or, packed end to end (train.packing), the sum of the lengths, each
-rounded up to the multiple the rows are padded to (train.pad_to_multiple_of). An example longer
-than the budget trains alone.
-
-With train.group_by_length, the shuffled order is cut into mega-batches of `MEGA_BATCH` optimizer
-steps (by examples, or by tokens under a budget); each is sorted by length, cut into steps, and
-its steps shuffled. A batch then holds examples of similar length (little padding) while the order
-of steps stays random. Mega-batches are measured in global batches, so the layouts that train alike
-still do. Under a budget a mega-batch's last step may be short of windows, like an epoch's last.
-"""
+"""Which examples each rank trains on, in which micro-batch and accumulation window, epoch by epoch
+(`BatchPlan`)."""
 
 from __future__ import annotations
 
@@ -36,6 +17,26 @@ MEGA_BATCH = 50  # optimizer steps per length-sorted group
 
 @dataclass(frozen=True)
 class BatchPlan:
+    """The order is a pure function of (seed, epoch): every rank computes the same global order and takes its
+    own slice, and a resumed run finds its place from the optimizer step alone. A global micro-batch is a run
+    of consecutive examples of the epoch's order; rank r takes every world_size-th of them starting at r, so
+    one rank with a batch of 2B sees exactly the examples that two ranks with B each see together. An
+    optimizer step is a window of up to `gradient_accumulation_steps` micro-batches; the epoch's last window
+    may be shorter.
+
+    A micro-batch holds `per_device_batch_size` examples per rank, or, with a token budget
+    (train.max_tokens_per_batch), as many as keep every rank's tokens within it. Tokens count padding: rows x
+    the longest example, or, packed end to end (train.packing), the sum of the lengths, each rounded up to the
+    multiple the rows are padded to (train.pad_to_multiple_of). An example longer than the budget trains
+    alone.
+
+    With train.group_by_length, the shuffled order is cut into mega-batches of `MEGA_BATCH` optimizer steps
+    (by examples, or by tokens under a budget); each is sorted by length, cut into steps, and its steps
+    shuffled. A batch then holds examples of similar length (little padding) while the order of steps stays
+    random. Mega-batches are measured in global batches, so the layouts that train alike still do. Under a
+    budget a mega-batch's last step may be short of windows, like an epoch's last.
+    """
+
     num_examples: int
     per_device_batch_size: int
     gradient_accumulation_steps: int

@@ -1,11 +1,5 @@
-"""Checkpoints: atomic save, resume from the newest complete one, and the final export.
-
-A checkpoint is written into `checkpoints/step-N.tmp`, completed with a `COMPLETE` marker, then
-renamed to `checkpoints/step-N`; a kill mid-save leaves only a `.tmp` that resume ignores. It holds
-Accelerate's state (model, optimizer, scheduler; DeepSpeed shards under ZeRO), one RNG file per
-rank, and `trainer_state.json` with the step to continue from. `final/` holds what users load:
-full weights as safetensors (consolidated under ZeRO-3) or the LoRA adapter, with the tokenizer.
-"""
+"""Checkpoints: atomic save, resume from the newest complete one, and the final export (`final/`, what users
+load)."""
 
 from __future__ import annotations
 
@@ -136,6 +130,11 @@ def short(err: Exception) -> str:
 def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Save on every rank into a temporary directory, then complete and rename it on rank 0.
 
+    The checkpoint is written into `checkpoints/step-N.tmp`, completed with a `COMPLETE` marker, then renamed
+    to `checkpoints/step-N`; a kill mid-save leaves only a `.tmp` that resume ignores. It holds Accelerate's
+    state (model, optimizer, scheduler; DeepSpeed shards under ZeRO), one RNG file per rank, and
+    `trainer_state.json` with the step to continue from.
+
     A write error on any rank (a full disk, a lost mount) is agreed on by all of them: the partial
     directory is removed, the earlier checkpoints stay, and the run stops with `RunError`.
     """
@@ -228,7 +227,8 @@ def _as_tuples(value: Any) -> Any:
 
 
 def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
-    """Write `final/`: safetensors of the full model or the adapter, and the tokenizer beside it."""
+    """Write `final/`, what users load: safetensors of the full model (consolidated under ZeRO-3) or the LoRA
+    adapter, and the tokenizer beside it."""
     final = output_dir / FINAL
     state_dict = accelerator.get_state_dict(model)  # every rank takes part: ZeRO-3 gathers here
     if distributed.is_main():

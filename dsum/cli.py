@@ -1,18 +1,5 @@
-"""The `dsum` command: parses arguments, then calls one function per sub-command.
-
-    dsum train RECIPE [key.sub=value ...] [--resume [PATH|latest|auto]] [--overwrite]
-    dsum validate RECIPE [key.sub=value ...] [--num-processes N]
-    dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite] [--skip-finished]
-    dsum score --predictions FILE [--references FILE] [--prediction-field F] [--reference-field F ...] [--json]
-    dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
-    dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
-    dsum demo [--output-dir DIR]
-    dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE | --record] [--models A,B] [--profile DIR] ...
-    dsum bench --table
-
-Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2;
-a run that cannot go on (a non-finite loss, a failed save) prints one line and exits 1.
-"""
+"""The `dsum` command: parses arguments, then calls one function per sub-command, and turns what went wrong
+into one line and an exit status."""
 
 from __future__ import annotations
 
@@ -33,6 +20,8 @@ EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors in what the user gave (recipe, overrides, data, output directory) print one line and exit 2; a run
+    that cannot go on (a non-finite loss, a failed save) prints one line and exits 1."""
     quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -69,6 +58,18 @@ def report(message: str, status: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The sub-commands, in short:
+
+        dsum train RECIPE [key.sub=value ...] [--resume [PATH|latest|auto]] [--overwrite]
+        dsum validate RECIPE [key.sub=value ...] [--num-processes N]
+        dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite] [--skip-finished]
+        dsum score --predictions FILE [--references FILE] [--prediction-field F] [--reference-field F ...] [--json]
+        dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
+        dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
+        dsum demo [--output-dir DIR]
+        dsum bench [--goals] [--device cpu|cuda] [--data DIR] [--json FILE|--record] [--models A,B] [--profile DIR] ...
+        dsum bench --table
+    """
     from dsum import __version__
 
     parser = argparse.ArgumentParser(prog="dsum", description="Fine-tune and evaluate dialogue summarization models.")

@@ -1,15 +1,5 @@
-"""`train.compile`: regional torch.compile of the model's repeated blocks, and the count of graphs it made.
-
-Each block of a run of identical blocks (a `ModuleList` of one class: T5's encoder and decoder layers,
-a decoder-only model's layers) is compiled in place, as torchtune does; the embeddings, the output head
-and the loss stay eager. The blocks of a class share one compiled code object, so a 24-layer stack
-compiles like one layer. Each variant of a block's code (T5's first block computes the relative
-position bias and the others take it; an encoder block differs from a decoder block) compiles once
-for the shapes it first sees and once more with sizes marked dynamic when a shape changes, so the
-number of graphs stays bounded over an epoch however the batch shapes vary; it is logged as
-`compiled_graphs`. `train.pad_to_multiple_of` (64 by default when compiling) keeps the kernels on
-aligned shapes.
-"""
+"""`train.compile`: regional torch.compile of the model's repeated blocks (`CompiledBlocks`), and the count of
+graphs it made."""
 
 from __future__ import annotations
 
@@ -25,6 +15,18 @@ RECOMPILE_LIMIT = 64
 
 
 class CompiledBlocks:
+    """Each block of a run of identical blocks (a `ModuleList` of one class: T5's encoder and decoder layers, a
+    decoder-only model's layers) is compiled in place, as torchtune does; the embeddings, the output head and the
+    loss stay eager. The blocks of a class share one compiled code object, so a 24-layer stack compiles like one
+    layer.
+
+    Each variant of a block's code (T5's first block computes the relative position bias and the others take it;
+    an encoder block differs from a decoder block) compiles once for the shapes it first sees and once more with
+    sizes marked dynamic when a shape changes, so the number of graphs (`graphs`, logged as `compiled_graphs`)
+    stays bounded over an epoch however the batch shapes vary. `train.pad_to_multiple_of` (64 by default when
+    compiling) keeps the kernels on aligned shapes.
+    """
+
     def __init__(self, model: torch.nn.Module, backend: str = BACKEND):
         import torch._dynamo
 

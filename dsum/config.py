@@ -1,9 +1,5 @@
-"""The recipe schema: every setting dsum reads, its type, its default and its limits.
-
-A recipe is a YAML file validated against `Recipe`; `key.sub=value` overrides from the command line
-are applied to the YAML before validation, so they are typed by the same schema. Nothing else in
-the package restates a default: it reads it from the validated `Recipe`.
-"""
+"""The recipe schema: every setting dsum reads, its type, its default and its limits. Nothing else in the
+package restates a default: it reads it from the validated `Recipe`."""
 
 from __future__ import annotations
 
@@ -358,7 +354,10 @@ def read_yaml(path: Path, what: str) -> Any:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a YAML recipe, apply `key.sub=value` overrides, and validate the result."""
+    """Read a YAML recipe, apply `key.sub=value` overrides, and validate the result against `Recipe`.
+
+    The overrides are applied to the YAML before validation, so they are typed by the same schema.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")

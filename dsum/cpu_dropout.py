@@ -1,20 +1,5 @@
-"""Dropout for training on the CPU, with PyTorch's distribution and a faster mask.
-
-PyTorch draws a CPU dropout mask with `bernoulli_`. `fast_dropout` draws random 31-bit integers and
-keeps an element where the integer is at least p x 2^31: each element is kept with probability 1 - p,
-independently, and scaled by 1 / (1 - p), as PyTorch does; p is rounded to a multiple of 2^-31. On
-the 2-core machine of BENCHMARKS.md ("dropout on the CPU", side checks) the mask took about half the
-time of PyTorch's. The draws come from torch's default CPU generator, so seeding,
-checkpoints and activation checkpointing see them as they see PyTorch's.
-
-`FastCpuDropout(model)` (`train.fast_cpu_dropout`, on by default, used on the CPU only):
-- the model's `nn.Dropout` modules (hidden states, LoRA's dropout) draw this way;
-- a model whose attention has dropout (FLAN-T5's `dropout_rate`) gets dsum's attention function,
-  registered with transformers' AttentionInterface: in training, transformers' eager attention with
-  this dropout; otherwise, and for anything it does not handle, transformers' sdpa. PyTorch's sdpa
-  draws its dropout inside the kernel, where nothing else can, and on the CPU that was most of it.
-`remove()` gives the model back as it was, before it is saved or evaluated.
-"""
+"""Dropout for training on the CPU, with PyTorch's distribution and a faster mask (`FastCpuDropout`,
+`train.fast_cpu_dropout`)."""
 
 from __future__ import annotations
 
@@ -33,7 +18,15 @@ HANDLED = {"dropout", "scaling", "position_bias", "is_causal", "position_ids", "
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """`F.dropout(x, p, training)`, drawing the mask from random integers."""
+    """`F.dropout(x, p, training)`, drawing the mask from random integers.
+
+    PyTorch draws a CPU dropout mask with `bernoulli_`. Here random 31-bit integers are drawn and an element is
+    kept where the integer is at least p x 2^31: each element is kept with probability 1 - p, independently, and
+    scaled by 1 / (1 - p), as PyTorch does; p is rounded to a multiple of 2^-31. On the 2-core machine of
+    BENCHMARKS.md ("dropout on the CPU", side checks) the mask took about half the time of PyTorch's. The draws
+    come from torch's default CPU generator, so seeding, checkpoints and activation checkpointing see them as
+    they see PyTorch's.
+    """
     if not training or p == 0.0:
         return x
     keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= round(p * 2**31)
@@ -82,7 +75,15 @@ def register() -> None:
 
 
 class FastCpuDropout:
-    """Switches a model's dropout to the fast draws above; `remove()` switches it back."""
+    """Switches a model's dropout to the fast draws above; `remove()` switches it back, before the model is
+    saved or evaluated. Used on the CPU only, where `train.fast_cpu_dropout` (on by default) asks for it.
+
+    - the model's `nn.Dropout` modules (hidden states, LoRA's dropout) draw this way;
+    - a model whose attention has dropout (FLAN-T5's `dropout_rate`) gets dsum's attention function, registered
+      with transformers' AttentionInterface: in training, transformers' eager attention with this dropout;
+      otherwise, and for anything it does not handle, transformers' sdpa. PyTorch's sdpa draws its dropout
+      inside the kernel, where nothing else can, and on the CPU that was most of it.
+    """
 
     def __init__(self, model: nn.Module):
         from transformers import PreTrainedModel

@@ -1,19 +1,6 @@
-"""What makes dsum faster on a CPU alone, and the one place that decides where it applies: on a CPU, never
-on a GPU, where none has been shown to pay. `dsum bench` on the CPU measures each, and `--dsum` turns
-the recipe's ones off for an A/B run (BENCHMARKS.md has the runs):
-
-- `train.fast_cpu_dropout`: dropout masks drawn from random integers (dsum/cpu_dropout.py); not with
-  `train.compile`, whose code draws its own masks;
-- glibc's malloc keeps the memory of freed tensors for the next batches (`keep_freed_host_memory`),
-  from the moment a run on the CPU starts;
-- generation's KV cache grows in buffers instead of being concatenated anew at every token
-  (`GrowingLayer`, with eval.cache: dynamic);
-- `eval.encoder_batch_size`: a seq2seq encoder takes a batch's prompts a few at a time
-  (`encode_in_parts`); a GPU takes the whole batch in one pass;
-- a causal model's output head runs at exactly the target positions, selected by a mask
-  (`exact_targets`), rather than at the collator's positions padded to the row with the most: a GPU
-  would wait to count what the mask keeps, a CPU does not.
-"""
+"""What makes dsum faster on a CPU alone, and the one place that decides where each applies: on a CPU, never on
+a GPU, where none has been shown to pay. `dsum bench` on the CPU measures each, and `--dsum` turns the recipe's
+ones off for an A/B run (BENCHMARKS.md has the runs)."""
 
 from __future__ import annotations
 
@@ -36,7 +23,8 @@ def start_run(device: torch.device | str) -> None:
 
 
 def fast_dropout(model, cfg: TrainConfig, device: torch.device, compiled: bool):
-    """dsum's CPU dropout on the model (given back by its `remove()`), or None where it does not apply."""
+    """dsum's CPU dropout on the model (given back by its `remove()`), or None where it does not apply: not
+    with `train.compile`, whose code draws its own masks."""
     if not (cfg.fast_cpu_dropout and on_cpu(device)) or compiled:
         return None
     from dsum.cpu_dropout import FastCpuDropout
@@ -45,8 +33,10 @@ def fast_dropout(model, cfg: TrainConfig, device: torch.device, compiled: bool):
 
 
 def exact_targets(device: torch.device | str) -> bool:
-    """Whether the loss selects a causal batch's target positions by a mask (dsum/loss.py): on a CPU, where
-    the head is much of a small model's work and counting the mask's kept positions costs nothing."""
+    """Whether the loss selects a causal batch's target positions by a mask (dsum/loss.py), so the output head
+    runs at exactly the target positions rather than at the collator's positions padded to the row with the most:
+    on a CPU, where the head is much of a small model's work and counting the mask's kept positions costs nothing;
+    a GPU would wait to count them."""
     return on_cpu(device)
 
 
@@ -147,10 +137,10 @@ def growing_layer_class() -> type:
 
 
 def growing_cache(model, device: torch.device | str):
-    """A fresh KV cache of GrowingLayers for one `generate` call on a CPU (it gives the predictions of the
-    dynamic cache `generate` makes by itself, which the tests check), or None: off the CPU, and where the
-    model's decoder has layers other than full attention (sliding windows, for instance), transformers'
-    own cache."""
+    """A fresh KV cache of GrowingLayers for one `generate` call on a CPU under `eval.cache: dynamic` (it gives
+    the predictions of the dynamic cache `generate` makes by itself, which the tests check), or None: off the
+    CPU, and where the model's decoder has layers other than full attention (sliding windows, for instance),
+    transformers' own cache."""
     if not on_cpu(device):
         return None
     from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache

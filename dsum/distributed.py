@@ -1,9 +1,6 @@
-"""The true process group: rank, world size, barriers and sums across every training process.
-
-Accelerate's own state is not always the truth: under DeepSpeed on a CPU it reports one process while
-DeepSpeed runs several. Everything that shards data, counts tokens or writes files asks here, and
-here asks torch.distributed (or the launcher's environment before it is initialised).
-"""
+"""The true process group (rank, world size, barriers and sums across every training process), which all that
+shards data, counts tokens or writes files asks, not Accelerate. Accelerate's own state is not always the truth:
+under DeepSpeed on a CPU it reports one process while DeepSpeed runs several."""
 
 from __future__ import annotations
 
@@ -14,9 +11,9 @@ from typing import Any, Iterator
 
 
 def process_group():
-    """torch.distributed where a process group is running, else None. torch is imported here, not at the
-    top: `dsum submit` imports this module (through run_info) and needs no torch, and no group can run
-    before torch is imported."""
+    """torch.distributed where a process group is running, else None, and then `world_size` and `rank` read the
+    launcher's environment. torch is imported here, not at the top: `dsum submit` imports this module (through
+    run_info) and needs no torch, and no group can run before torch is imported."""
     if "torch" not in sys.modules:
         return None
     import torch.distributed as dist

@@ -2,14 +2,6 @@
 
     dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite]
     accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 -m dsum eval RECIPE --checkpoint DIR
-
-The model is a trained run's `final/` (full weights, or a LoRA adapter loaded onto its base), any
-such directory given with `--checkpoint`, or the recipe's base model alone (zero-shot).
-
-Scoring is spread like generation: each rank scores every world_size-th prediction with ROUGE, the
-per-dialogue scores are gathered back into dataset order, and rank 0 alone averages them and draws
-the bootstrap intervals, so the metrics are the same with any number of processes.
-`scoring_seconds` is the time from the start of the spread scoring to the finished metrics.
 """
 
 from __future__ import annotations
@@ -40,7 +32,13 @@ SPEED_ONLY = ("batch_size", "encoder_batch_size", "cache", "compile", "after_tra
 def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator, model_source: str,
              stop: StopSignals | None = None) -> dict | None:
     """Every rank generates and scores its share; rank 0 writes the files and returns the metrics.
-    `model_source` names the model (a checkpoint, or the base for zero-shot) in metrics.json."""
+    `model_source` names the model (a checkpoint, or the base for zero-shot) in metrics.json.
+
+    Scoring is spread like generation: each rank scores every world_size-th prediction with ROUGE, the
+    per-dialogue scores are gathered back into dataset order, and rank 0 alone averages them and draws the
+    bootstrap intervals, so the metrics are the same with any number of processes. `scoring_seconds` is the time
+    from the start of the spread scoring to the finished metrics.
+    """
     identity = evaluation_identity(recipe, model_source)
     claim_partial(output_dir, identity)
     examples = load_split(recipe.data, recipe.eval.split)[: recipe.eval.max_samples]
@@ -144,6 +142,9 @@ def validation_rouge(recipe: Recipe, model, tokenizer, examples: list, accelerat
 def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None, overwrite: bool,
              skip_finished: bool = False) -> dict | None:
     """`dsum eval`: load the model the arguments name, then evaluate it.
+
+    The model is a trained run's `final/` (full weights, or a LoRA adapter loaded onto its base), any such
+    directory given with `--checkpoint`, or the recipe's base model alone (zero-shot).
 
     SIGUSR1 or SIGTERM, from the start: stop after the current batch, keeping what is generated.
     """

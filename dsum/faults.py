@@ -1,16 +1,4 @@
-"""Injected faults, for tests of what survives a crash: off unless `DSUM_FAULT` is set.
-
-    DSUM_FAULT=checkpoint.save:kill@4      SIGKILL this process in the middle of saving step 4
-    DSUM_FAULT=checkpoint.save:oserror     an OSError (no space left) while saving any checkpoint
-    DSUM_FAULT=train.loss:nan@6            the loss of optimizer step 6 becomes NaN
-    DSUM_FAULT=train.step:kill@7           SIGKILL right after optimizer step 7
-    DSUM_FAULT=generate.batch:kill@3       SIGKILL after the third generation batch is written
-    DSUM_FAULT=generate.batch:term@2       SIGTERM (as SLURM preempts) after the second generation batch
-    DSUM_FAULT=train.step:int@3            SIGINT (Ctrl-C) right after optimizer step 3
-
-A fault names a point in the code, an action (`kill`, `term`, `int`, `oserror` or `nan`) and,
-optionally, the step.
-"""
+"""Injected faults, for tests of what survives a crash: off unless `DSUM_FAULT` is set."""
 
 from __future__ import annotations
 
@@ -38,7 +26,19 @@ def poisoned(value, name: str, step: int):
 
 
 def armed(name: str, step: int | None) -> str | None:
-    """The action the environment sets for this point and step, if any."""
+    """The action the environment sets for this point and step, if any.
+
+    A fault names a point in the code, an action (`kill`, `term`, `int`, `oserror` or `nan`) and, optionally,
+    the step:
+
+        DSUM_FAULT=checkpoint.save:kill@4      SIGKILL this process in the middle of saving step 4
+        DSUM_FAULT=checkpoint.save:oserror     an OSError (no space left) while saving any checkpoint
+        DSUM_FAULT=train.loss:nan@6            the loss of optimizer step 6 becomes NaN
+        DSUM_FAULT=train.step:kill@7           SIGKILL right after optimizer step 7
+        DSUM_FAULT=generate.batch:kill@3       SIGKILL after the third generation batch is written
+        DSUM_FAULT=generate.batch:term@2       SIGTERM (as SLURM preempts) after the second generation batch
+        DSUM_FAULT=train.step:int@3            SIGINT (Ctrl-C) right after optimizer step 3
+    """
     spec = os.environ.get(ENV)
     if not spec:
         return None

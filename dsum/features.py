@@ -1,14 +1,4 @@
-"""Token features for training and generation: prompt tokens, label masks, truncation counts, padding.
-
-Seq2seq: the encoder reads the prompt (+ EOS); the labels are the summary (+ EOS).
-Causal: one row reads BOS + prompt + summary + EOS; labels copy it with the BOS and prompt set to -100,
-so the loss falls on summary tokens alone. When a prompt is over budget only the dialogue is cut;
-when a summary is, its end is cut, never its start. Batches are padded to their own longest row, or,
-packed (causal models, train.packing), put end to end in one row whose `position_ids` restart at
-each example and with no attention mask, from which transformers masks attention to each example
-alone. An example's labels start with its masked prompt, so no loss crosses from one example into
-the next.
-"""
+"""Token features for training and generation: prompt tokens, label masks, truncation counts, padding."""
 
 from __future__ import annotations
 
@@ -48,6 +38,11 @@ class TruncationStats:
 @dataclass
 class Featurizer:
     """Turns examples into token ids under one recipe's template and budgets.
+
+    Seq2seq: the encoder reads the prompt (+ EOS); the labels are the summary (+ EOS). Causal: one row reads
+    BOS + prompt + summary + EOS; labels copy it with the BOS and prompt set to -100, so the loss falls on
+    summary tokens alone. When a prompt is over budget only the dialogue is cut; when a summary is, its end is
+    cut, never its start.
 
     `shots` are solved examples for few-shot prompts: as many as fit, in order, go before the prompt,
     and a dialogue that does not fit even alone is cut and gets none.
@@ -159,6 +154,10 @@ class MicroBatch:
 class Collator:
     """Pads a list of features to the longest row in it, or packs them into one row, rounded up to a
     multiple of `multiple` tokens; seq2seq batches get decoder inputs too.
+
+    Packed (causal models, train.packing), the examples go end to end in one row whose `position_ids` restart at
+    each example and with no attention mask, from which transformers masks attention to each example alone. An
+    example's labels start with its masked prompt, so no loss crosses from one example into the next.
 
     `targets_only` (causal models whose head can run at chosen positions, see `dsum.loss.TokenLoss`):
     the batch also holds, per row, the positions whose next token is a target (`target_positions`) and

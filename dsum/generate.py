@@ -1,30 +1,5 @@
-"""Batched generation sharded over every process, gathered back into dataset order.
-
-Prompts are sorted longest first and cut into batches of `eval.batch_size` (similar lengths, little
-padding, and memory runs out on the first batch if it will). The batches are the same whatever the
-number of processes; rank r generates batches r, r + world_size, ... So the predictions are the same
-with 1, 2 or 3 processes. Every rank makes the same number of `generate` calls, which ZeRO-3
-(`synced_gpus`) needs: a rank that runs out repeats a batch and drops the result. Causal prompts
-are left-padded and the prompt is cut from the output.
-
-Each rank appends finished predictions to `partial/rank-R.jsonl` as it goes; a restarted evaluation
-reads them back and generates only what is missing. A batch that runs out of GPU memory is generated
-in halves, and the smaller size is kept for the rest (not under ZeRO-3, whose ranks move in step).
-On a CPU, `eval.encoder_batch_size` has a seq2seq encoder take a batch's prompts a few at a time, and
-the KV cache of `eval.cache: dynamic` grows in buffers rather than being concatenated anew at every
-token (dsum/cpu_speed.py). `eval.cache: static` allocates each batch's KV cache at its full length up front instead of growing
-it token by token; the predictions are the same. transformers compiles the decoding step of a static
-cache by itself, but only on CUDA: here `eval.compile` alone decides, on any device. The first batch
-waits for compilation, and new shapes compile again (a smaller last batch, a seq2seq batch's prompt
-length) until torch.compile takes the size as variable.
-Refused before anything is generated (and by `dsum train` before it trains, when it will generate):
-a static cache for a model class that transformers does not mark as compilable (the mark its own
-tests take for static-cache support), compiling a quantized base (transformers would silently not),
-and compiling under ZeRO-3 (torch.compile does not reliably trace the hooks that gather each layer's
-weights; pytorch/pytorch#115484). A static cache under ZeRO-3 works: a rank that has finished keeps
-decoding until all have, but no rank decodes more than `eval.max_new_tokens` steps, which its cache
-holds.
-"""
+"""Batched generation sharded over every process, gathered back into dataset order, resumable from what an
+interrupted evaluation wrote."""
 
 from __future__ import annotations
 
@@ -61,7 +36,8 @@ class Prediction:
 
 
 def plan_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Example indices per batch, longest prompts first; independent of the number of processes."""
+    """Example indices per batch of `eval.batch_size`, longest prompts first (similar lengths, little padding, and
+    memory runs out on the first batch if it will); independent of the number of processes."""
     order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -86,8 +62,14 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
                          stop: StopSignals | None = None) -> list[Prediction]:
     """Predictions for every example, in dataset order, on every rank.
 
-    With `stop`, the ranks agree after each batch whether one of them got SIGUSR1 or SIGTERM; if so,
-    what is written to `partial_dir` stays and `Stopped` is raised.
+    The batches are the same whatever the number of processes; rank r generates batches r, r + world_size, ...
+    So the predictions are the same with 1, 2 or 3 processes. Every rank makes the same number of `generate`
+    calls, which ZeRO-3 (`synced_gpus`) needs: a rank that runs out repeats a batch and drops the result. Causal
+    prompts are left-padded and the prompt is cut from the output.
+
+    Each rank appends finished predictions to `partial/rank-R.jsonl` as it goes; a restarted evaluation reads
+    them back and generates only what is missing. With `stop`, the ranks agree after each batch whether one of
+    them got SIGUSR1 or SIGTERM; if so, what is written to `partial_dir` stays and `Stopped` is raised.
     """
     check_generation(recipe.eval, model, synced_gpus)
     done = read_partial(partial_dir) if partial_dir is not None else {}
@@ -154,10 +136,11 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
 
 def generate_fitting(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict, synced_gpus: bool,
                      fitting: list[int], encoder_batch: int | None = None) -> torch.Tensor:
-    """`model.generate` on the batch, in slices of at most `fitting[0]` rows; on out-of-memory the slice
-    is halved (and stays halved) instead of failing. The rows keep the batch's padding, so each row's
-    prompt is the same whatever the slice, and the outputs are padded back into one tensor. With
-    `encoder_batch` (seq2seq, on a CPU), the encoder runs apart first (`cpu_speed.encode_in_parts`)."""
+    """`model.generate` on the batch, in slices of at most `fitting[0]` rows; on out-of-memory the slice is halved
+    (and stays halved for the rest) instead of failing, but not under ZeRO-3, whose ranks move in step. The rows
+    keep the batch's padding, so each row's prompt is the same whatever the slice, and the outputs are padded back
+    into one tensor. With `encoder_batch` (seq2seq, on a CPU), the encoder runs apart first
+    (`cpu_speed.encode_in_parts`)."""
     outputs, start = [], 0
     while start < len(input_ids):
         rows = slice(start, start + fitting[0])
@@ -203,7 +186,14 @@ def generation_kwargs(recipe: Recipe, tokenizer) -> dict:
 
 
 def cache_kwargs(e: EvalConfig) -> dict:
-    """`eval.cache` and `eval.compile` as `generate` takes them."""
+    """`eval.cache` and `eval.compile` as `generate` takes them.
+
+    `eval.cache: static` allocates each batch's KV cache at its full length up front instead of growing it token
+    by token; the predictions are the same. transformers compiles the decoding step of a static cache by itself,
+    but only on CUDA: here `eval.compile` alone decides, on any device. The first batch waits for compilation,
+    and new shapes compile again (a smaller last batch, a seq2seq batch's prompt length) until torch.compile
+    takes the size as variable.
+    """
     if e.cache == "dynamic":
         return {}
     if not e.compile:
@@ -226,7 +216,15 @@ def cache_argument() -> str:
 
 
 def check_generation(e: EvalConfig, model, synced_gpus: bool) -> None:
-    """Refuse what `generate` would fail at, or silently not do, with `eval.cache` and `eval.compile`."""
+    """Refuse what `generate` would fail at, or silently not do, with `eval.cache` and `eval.compile`, before
+    anything is generated (and by `dsum train` before it trains, when it will generate).
+
+    Refused: a static cache for a model class that transformers does not mark as compilable, compiling a
+    quantized base (transformers would silently not), and compiling under ZeRO-3 (torch.compile does not
+    reliably trace the hooks that gather each layer's weights; pytorch/pytorch#115484). A static cache under
+    ZeRO-3 works: a rank that has finished keeps decoding until all have, but no rank decodes more than
+    `eval.max_new_tokens` steps, which its cache holds.
+    """
     # transformers marks no static-cache support; its own tests take this flag for it.
     if e.cache == "static" and not getattr(model, "_can_compile_fullgraph", False):
         name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__

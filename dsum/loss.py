@@ -1,14 +1,6 @@
-"""The training loss: cross-entropy summed over a micro-batch's target tokens, in chunks of rows.
-
-The caller divides the sum by the target tokens of the whole accumulation window, so an optimizer
-step's loss is a per-token mean however the window is cut. Two things keep memory and the device's
-queue in check:
-- a causal model's output head runs only at the positions that predict a target (the collator works
-  them out on the host, `Collator.targets_only`), so a prompt's logits are never computed;
-- the logits are upcast to fp32 and turned into the loss `CHUNK_ELEMENTS` at a time, with their
-  gradient computed in the same pass (`chunked_cross_entropy`): fp32 logits of a whole micro-batch
-  never exist at once, and what is kept for the backward pass is one gradient in the logits' dtype.
-"""
+"""The training loss: cross-entropy summed over a micro-batch's target tokens, in chunks of rows. The caller
+divides the sum by the target tokens of the whole accumulation window, so an optimizer step's loss is a per-token
+mean however the window is cut."""
 
 from __future__ import annotations
 
@@ -61,7 +53,8 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoo
 
     With gradients, each chunk's gradient is computed as its loss is and kept in the logits' dtype:
     p - (1 - s) onehot(y) - s / V for a target y, smoothing s and vocabulary V; 0 for ignored rows.
-    Without (validation), only the loss."""
+    Without (validation), only the loss. So fp32 logits of a whole micro-batch never exist at once, and what is
+    kept for the backward pass is one gradient in the logits' dtype."""
     vocab = logits.shape[-1]
     flat, targets = logits.reshape(-1, vocab), labels.reshape(-1)
     rows = max(1, chunk_elements // vocab)

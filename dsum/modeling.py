@@ -1,9 +1,4 @@
-"""Tokenizer and model for a recipe: from the Hub, a local path, or built here; with LoRA or QLoRA.
-
-A randomly initialised base is written once to `<output_dir>/base` and always loaded from there, so
-that adapters, resumed runs and every rank see the same weights. A tokenizer trained on the training
-split is cached in `<output_dir>/tokenizer` the same way.
-"""
+"""Tokenizer and model for a recipe: from the Hub, a local path, or built here; with LoRA or QLoRA."""
 
 from __future__ import annotations
 
@@ -83,7 +78,8 @@ def shared_trained_tokenizer(recipe: Recipe, corpus: Callable[[], Iterable[str]]
 
 
 def save_tokenizer(recipe: Recipe, tokenizer, output_dir: Path) -> None:
-    """A trained tokenizer into `<output_dir>/tokenizer/`, where evaluation and a resumed run read it."""
+    """A trained tokenizer into `<output_dir>/tokenizer/`, where evaluation, a resumed run and every rank read
+    it, as they read the random-init base (`materialize_base`)."""
     from dsum import distributed
 
     cache = output_dir / TOKENIZER_DIR
@@ -280,7 +276,8 @@ def logits_for_targets_only(model) -> bool:
 
 
 def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
-    """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there."""
+    """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there. It is
+    always loaded from there, so that adapters, resumed runs and every rank see the same weights."""
     from accelerate.utils import set_seed  # transformers' own is among its Trainer's utilities (see build_scheduler)
 
     base = output_dir / BASE_DIR

@@ -1,12 +1,4 @@
-"""Stop cleanly on SIGUSR1, SIGTERM or Ctrl-C: finish the current step, save, exit, resume later.
-
-SLURM sends SIGUSR1 some time before a job's limit (`--signal=USR1@SECONDS`) and SIGTERM when it
-preempts or cancels one; a person at the terminal presses Ctrl-C (SIGINT). The handler only records
-the signal; the training loop and the generator vote at their step boundaries, in the all-reduce
-they already make, so all ranks stop at the same step even when the signal reached only some of
-them. A second Ctrl-C does not wait: it interrupts at once (KeyboardInterrupt), and the command
-ends in one line.
-"""
+"""Stop cleanly on SIGUSR1, SIGTERM or Ctrl-C: finish the current step, save, exit, resume later."""
 
 from __future__ import annotations
 
@@ -22,7 +14,14 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """Record SIGUSR1, SIGTERM and SIGINT while the block runs; restore the previous handlers after it."""
+    """Record SIGUSR1, SIGTERM and SIGINT while the block runs; restore the previous handlers after it.
+
+    SLURM sends SIGUSR1 some time before a job's limit (`--signal=USR1@SECONDS`) and SIGTERM when it preempts
+    or cancels one; a person at the terminal presses Ctrl-C (SIGINT). The handler only records the signal; the
+    training loop and the generator vote at their step boundaries, in the all-reduce they already make, so all
+    ranks stop at the same step even when the signal reached only some of them. A second Ctrl-C does not wait:
+    it interrupts at once (KeyboardInterrupt), and the command ends in one line.
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None

@@ -1,8 +1,4 @@
-"""What `dsum validate` shows: the resolved recipe and what training it would do, without training.
-
-Parts that need a model or tokenizer the machine cannot reach (a Hub id, offline) say so and the
-rest is still shown: the recipe itself is valid, and the run will fetch them where it runs.
-"""
+"""What `dsum validate` shows: the resolved recipe and what training it would do, without training."""
 
 from __future__ import annotations
 
@@ -16,6 +12,8 @@ from dsum.features import IGNORE_INDEX, Featurizer, feature_tokens
 
 
 def describe_recipe(recipe: Recipe, world_size: int) -> str:
+    """Parts that need a model or tokenizer the machine cannot reach (a Hub id, offline) say so and the rest is
+    still shown: the recipe itself is valid, and the run will fetch them where it runs."""
     from dsum.modeling import (check_packing, describe_parameters, load_tokenizer, meta_model, model_config,
                                train_tokenizer)
 

@@ -1,16 +1,5 @@
 """Where a training step's time goes, operator by operator: `StepProfiler` runs torch.profiler over a few
-optimizer steps of one run and writes what it saw into a directory (`dsum bench --profile DIR`).
-
-    with StepProfiler(Path("profiles"), "t5-dsum", "cuda", Schedule.after(warmup_steps=3, steps=9)) as profile:
-        for batch in batches:
-            ...  # one optimizer step
-            profile.step()
-
-Per run it writes NAME.txt and NAME.json: the top operators by self CPU time and by self device time,
-the share of the profiled steps' wall time in which the GPU ran a kernel, the host calls that show the
-CPU waiting for the GPU or feeding it, kernels launched a step and the mean step time; and it adds the
-run to DIR/summary.json, which holds every run profiled into DIR. Without a directory it does nothing.
-"""
+optimizer steps of one run and writes what it saw into a directory (`dsum bench --profile DIR`)."""
 
 from __future__ import annotations
 
@@ -58,7 +47,18 @@ class Schedule:
 class StepProfiler:
     """torch.profiler over the steps of `schedule` in one run, called once per optimizer step through
     `step()`; its files are written when the block ends. With `directory` None it records nothing, and
-    `step()` costs a method call."""
+    `step()` costs a method call.
+
+        with StepProfiler(Path("profiles"), "t5-dsum", "cuda", Schedule.after(warmup_steps=3, steps=9)) as profile:
+            for batch in batches:
+                ...  # one optimizer step
+                profile.step()
+
+    Per run it writes NAME.txt and NAME.json: the top operators by self CPU time and by self device time, the
+    share of the profiled steps' wall time in which the GPU ran a kernel, the host calls that show the CPU
+    waiting for the GPU or feeding it, kernels launched a step and the mean step time; and it adds the run to
+    DIR/summary.json, which holds every run profiled into DIR.
+    """
 
     def __init__(self, directory: Path | None, name: str, device: str, schedule: Schedule):
         if not RUN_NAME.fullmatch(name):

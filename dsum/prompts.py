@@ -1,9 +1,4 @@
-"""Prompt templates per model family, rendered in three parts so that only the dialogue is ever cut.
-
-A prompt is `prefix + dialogue + suffix`: the prefix holds the instruction (and system prompt), the
-suffix cues the summary. Features tokenize the parts separately and shorten the dialogue alone.
-A few-shot prompt puts solved examples (the same template, followed by their summary) before it.
-"""
+"""Prompt templates per model family, rendered in three parts so that only the dialogue is ever cut."""
 
 from __future__ import annotations
 
@@ -17,6 +12,10 @@ from dsum.data import Example
 
 @dataclass(frozen=True)
 class PromptParts:
+    """A prompt is `prefix + dialogue + suffix`: the prefix holds the instruction (and system prompt), the suffix
+    cues the summary. Features tokenize the parts separately and shorten the dialogue alone. A few-shot prompt
+    puts solved examples (the same template, followed by their summary) before it."""
+
     prefix: str
     dialogue: str
     suffix: str

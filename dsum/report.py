@@ -1,5 +1,5 @@
-"""`dsum compare`: how several runs or evaluations differ (recipe, training, evaluated dialogues) and how
-their ROUGE compares, as one report in HTML, Markdown and CSV; every run is scored again from its predictions.
+"""`dsum compare`: how several runs or evaluations differ (recipe, training, evaluated dialogues) and how their
+ROUGE compares, as one report in HTML, Markdown and CSV; every run is scored again from its predictions.
 
     dsum compare runs/flan-t5-base-zero-shot runs/flan-t5-base-full runs/flan-t5-base-lora [--out DIR] [--samples K]
 """

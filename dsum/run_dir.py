@@ -1,22 +1,6 @@
-"""The run directory, `output_dir`: the names of what dsum writes there, the only entries it ever
-deletes, the lock that keeps one run in a directory at a time, and what state a run there is in (its
-status, its complete checkpoints, what `--resume auto` does). It imports no torch, so that `dsum
-submit` and the refusals stay fast.
-
-    output_dir/
-      run.json        the run: recipe, versions, status (running, finished, stopped, failed)
-      metrics.jsonl   a line per logging step and per validation
-      tokenizer/      the tokenizer trained on the training split (tokenizer.train)
-      base/           the random-init base (model.architecture), written once
-      checkpoints/    step-NNNNNNNN/, complete once it holds COMPLETE; the newest save_total_limit kept
-      final/          the model or adapter users load
-      eval/           predictions.jsonl and metrics.json (partial/ while generating)
-      tensorboard/    the tracker's events
-      slurm/          `dsum submit`'s batch script and the job's logs: never deleted
-
-Anything else in `output_dir` is the user's, and dsum neither deletes nor changes it: `--overwrite`
-and `--resume auto` remove the entries above (but slurm/) and nothing more.
-"""
+"""The run directory, `output_dir`: the names of what dsum writes there, the only entries it ever deletes, the
+lock that keeps one run in a directory at a time, and what state a run there is in (status, complete checkpoints,
+what `--resume auto` does). It imports no torch, so that `dsum submit` and the refusals stay fast."""
 
 from __future__ import annotations
 
@@ -31,6 +15,18 @@ from typing import Any, Iterator
 from dsum import distributed
 from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 
+# The layout of a run's directory:
+#
+# output_dir/
+#   run.json        the run: recipe, versions, status (running, finished, stopped, failed)
+#   metrics.jsonl   a line per logging step and per validation
+#   tokenizer/      the tokenizer trained on the training split (tokenizer.train)
+#   base/           the random-init base (model.architecture), written once
+#   checkpoints/    step-NNNNNNNN/, complete once it holds COMPLETE; the newest save_total_limit kept
+#   final/          the model or adapter users load
+#   eval/           predictions.jsonl and metrics.json (partial/ while generating)
+#   tensorboard/    the tracker's events
+#   slurm/          `dsum submit`'s batch script and the job's logs: never deleted
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"
@@ -51,7 +47,9 @@ EVALUATE = "evaluate"  # `--resume auto` of a run that trained and saved final/,
 MAY_CHANGE_ON_RESUME = ("output_dir", "train.max_steps", "train.num_epochs", "train.logging_steps", "train.eval_steps",
                         "train.eval_max_batches", "train.save_steps", "train.save_total_limit", "train.trackers",
                         "train.compile", "eval")
-# What a run writes at the top of output_dir, partial files included: the only entries dsum deletes.
+# What a run writes at the top of output_dir, partial files included: the only entries dsum deletes. Anything
+# else in output_dir is the user's (or `dsum submit`'s slurm/), and dsum neither deletes nor changes it:
+# `--overwrite` and `--resume auto` remove these and nothing more.
 RUN_ENTRIES = (RUN_FILE, RUN_FILE + ".tmp", METRICS_FILE, TOKENIZER_DIR, TOKENIZER_DIR + ".tmp", BASE_DIR,
                BASE_DIR + ".tmp", CHECKPOINTS, FINAL, FINAL + ".tmp", EVAL_DIR, TENSORBOARD_DIR)
 

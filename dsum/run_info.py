@@ -1,9 +1,4 @@
-"""What a run writes about itself: `run.json`, `metrics.jsonl` and tracker events (dsum/run_dir.py names them).
-
-`run.json` holds the resolved recipe, package versions, git commit, the true world size and the
-Accelerate/DeepSpeed configuration; its `status` is `running` until `final/` exists, then `finished`
-(`stopped` after a signal, `failed` after an error; a killed process leaves `running`). Only rank 0 writes.
-"""
+"""What a run writes about itself: `run.json`, `metrics.jsonl` and tracker events (dsum/run_dir.py names them)."""
 
 from __future__ import annotations
 
@@ -30,7 +25,11 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 
 
 class RunInfo:
-    """`run.json`, rewritten at the start and the end of a run.
+    """`run.json`, rewritten at the start and the end of a run, by rank 0 alone.
+
+    It holds the resolved recipe, package versions, git commit, the true world size and the Accelerate/DeepSpeed
+    configuration; its `status` is `running` until `final/` exists, then `finished` (`stopped` after a signal,
+    `failed` after an error; a killed process leaves `running`).
 
     As a context manager: an exception that leaves the block while the run is still `running` marks it
     `failed`, with the error's one line, before it goes on up."""

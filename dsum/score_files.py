@@ -1,10 +1,4 @@
-"""`dsum score`: ROUGE for outputs made anywhere, read from .jsonl, .csv or .txt files.
-
-Predictions and references may sit in one file (columns of the same rows) or two; two files are
-matched by an id column when both have it, otherwise by order. A `.txt` file holds one text per
-line. A reference cell may hold a list (several references), and several reference columns may be
-named; by default dsum looks for `references`, then `summary`, then `summary1`, `summary2`, ...
-"""
+"""`dsum score`: ROUGE for outputs made anywhere, read from .jsonl, .csv or .txt files."""
 
 from __future__ import annotations
 
@@ -31,6 +25,7 @@ def read_rows(path: Path, text_field: str) -> RawSplit:
 
 
 def reference_fields(raw: RawSplit, asked: Sequence[str] | None) -> list[str]:
+    """The reference columns: those asked for, else `references`, then `summary`, then `summary1`, `summary2`, ..."""
     if asked:
         missing = [f for f in asked if f not in raw.columns]
         if missing:
@@ -49,7 +44,12 @@ def reference_fields(raw: RawSplit, asked: Sequence[str] | None) -> list[str]:
 
 def load_pairs(predictions: Path, references: Path | None, prediction_field: str,
                reference_field: Sequence[str] | None, id_field: str | None) -> tuple[list[str], list[list[str]]]:
-    """Predictions and their reference lists, aligned."""
+    """Predictions and their reference lists, aligned.
+
+    Predictions and references may sit in one file (columns of the same rows) or two; two files are matched by
+    an id column when both have it, otherwise by order. A reference cell may hold a list (several references),
+    and several reference columns may be named.
+    """
     preds = read_rows(predictions, prediction_field)
     if prediction_field not in preds.columns:
         raise RecipeError(f"{preds.where}: no column {prediction_field!r} (--prediction-field); its columns are "

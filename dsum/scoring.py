@@ -1,12 +1,4 @@
-"""ROUGE as dsum reports it: rouge_score F1 with the Porter stemmer, as fractions in [0, 1].
-
-The primary figure averages each dialogue's scores over its references, then averages over
-dialogues. Two variants are reported beside it: `best_reference` (the best-scoring reference of each
-dialogue) and `first_reference` (the first reference only, as single-reference scripts do). A 95%
-confidence interval for each primary figure comes from a seeded bootstrap over dialogues.
-`rougeLsum` needs one sentence per line; sentences are split here with a rule, so nothing is
-downloaded at run time.
-"""
+"""ROUGE as dsum reports it: rouge_score F1 with the Porter stemmer, as fractions in [0, 1]."""
 
 from __future__ import annotations
 
@@ -22,7 +14,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 
 def split_sentences(text: str) -> str:
-    """One sentence per line, for rougeLsum."""
+    """One sentence per line, for rougeLsum; split here with a rule, so nothing is downloaded at run time."""
     return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
 
 
@@ -63,7 +55,13 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]], *, se
 
 
 def rouge_from_matrix(matrix: list[np.ndarray], *, seed: int = 0) -> dict:
-    """`rouge()` from per-dialogue score arrays already computed by `score_matrix`."""
+    """`rouge()` from per-dialogue score arrays already computed by `score_matrix`.
+
+    The primary figure averages each dialogue's scores over its references, then averages over dialogues. Two
+    variants are reported beside it: `best_reference` (the best-scoring reference of each dialogue) and
+    `first_reference` (the first reference only, as single-reference scripts do). A 95% confidence interval for
+    each primary figure comes from a seeded bootstrap over dialogues.
+    """
     mean_over_refs = np.array([m.mean(axis=0) for m in matrix])  # dialogues x keys
     best = np.array([m.max(axis=0) for m in matrix])
     first = np.array([m[0] for m in matrix])

@@ -1,17 +1,5 @@
-"""`train.max_tokens_per_batch: auto`: the largest token budget of a micro-batch that fits the device.
-
-On a GPU, the model trains on trial batches of the longest example repeated (the most memory a budget
-can need: every row padded to the longest, or the longest packed end to end): forward and backward
-under the run's precision, with the optimizer's state held aside as the real steps will hold it. The
-budget doubles while a trial fits, then halves the gap to the first that did not, a few times; the
-run takes 90% of the largest that fitted, rounded down to the multiple rows are padded to (64 at
-least), so that memory the allocator fragments over changing shapes is not missed. Every rank probes
-its own device and all take the smallest. A resumed run takes its checkpoint's budget, so that its
-batches are cut as before.
-
-Where there is no device memory to size against (a CPU), auto takes `per_device_batch_size` examples'
-worth of tokens on average instead.
-"""
+"""`train.max_tokens_per_batch: auto`: the largest token budget of a micro-batch that fits the device, found by
+trial batches on a GPU (`probe`), or an average one where there is no device memory to size against (a CPU)."""
 
 from __future__ import annotations
 
@@ -30,7 +18,12 @@ MAX_TOKENS = 1 << 17  # no trial beyond this many tokens a micro-batch
 
 
 def auto_budget(fits: Callable[[int], bool], unit: int, cap: int, multiple: int) -> int:
-    """The budget to train with, given `fits(budget)` (one trial) and the tokens of one longest row."""
+    """The budget to train with, given `fits(budget)` (one trial) and the tokens of one longest row.
+
+    The budget doubles while a trial fits, then halves the gap to the first that did not, a few times; the run
+    takes 90% of the largest that fitted, rounded down to the multiple rows are padded to (64 at least), so that
+    memory the allocator fragments over changing shapes is not missed.
+    """
     if not fits(unit):
         raise RunError(f"train.max_tokens_per_batch: auto: one example of {unit} tokens does not fit on the device "
                        "even alone; lower tokenizer.max_source_length or max_target_length, turn on "
@@ -55,7 +48,12 @@ def auto_budget(fits: Callable[[int], bool], unit: int, cap: int, multiple: int)
 
 def probe(model, token_loss, collate: Collator, features: Sequence[Feature], lengths: Sequence[int], *,
           optimizer: str, device: torch.device, autocast, multiple: int) -> int:
-    """The budget every rank can train with: each rank's `auto_budget` on its device, the smallest of them."""
+    """The budget every rank can train with: each rank's `auto_budget` on its device, the smallest of them.
+
+    The trial batches are the longest example repeated (the most memory a budget can need: every row padded to
+    the longest, or the longest packed end to end), trained forward and backward under the run's precision, with
+    the optimizer's state held aside as the real steps will hold it.
+    """
     longest = max(range(len(features)), key=lambda i: lengths[i])
     unit = round_up(lengths[longest], multiple)
     rows = math.ceil(len(features) / distributed.world_size())

@@ -2,11 +2,6 @@
 
     dsum submit RECIPE --nodes 2 --gpus-per-node 8 --accelerate multi_node_zero3 --time 24:00:00
     dsum submit RECIPE --job eval --checkpoint runs/x/final --nodes 1 --gpus-per-node 8 --dry-run
-
-The script is `launch/train.slurm` (or `eval.slurm`) with its `#SBATCH` block rendered from the
-options and `launch/common.sh` inlined, so the file is whole: `sbatch` it again to rerun the job. The
-recipe, overrides applied, is frozen next to it (`train.recipe.yaml`), so editing the recipe later
-does not change a job that requeues. Both go into `<output_dir>/slurm/`, with the job's logs.
 """
 
 from __future__ import annotations
@@ -49,7 +44,13 @@ class SubmitOptions:
 
 
 def submit(recipe: Recipe, options: SubmitOptions, *, dry_run: bool) -> str | None:
-    """Print the script (dry run) or write it and submit it; returns the job id."""
+    """Print the script (dry run) or write it and submit it; returns the job id.
+
+    The script is `launch/train.slurm` (or `eval.slurm`) with its `#SBATCH` block rendered from the options and
+    `launch/common.sh` inlined, so the file is whole: `sbatch` it again to rerun the job. The recipe, overrides
+    applied, is frozen next to it (`train.recipe.yaml`), so editing the recipe later does not change a job that
+    requeues. Both go into `<output_dir>/slurm/`, with the job's logs.
+    """
     check_options(options)
     check_script_text({"output_dir": recipe.output_dir, "the working directory": str(Path.cwd())})
     config = accelerate_config(options)

@@ -1,11 +1,4 @@
-"""Where a training step's time goes, and how much memory it holds.
-
-`lap(name)` closes a phase that began at the previous lap (or at `start()`): `data` (collating and
-copying the batch), `forward_backward`, `optimizer` (clipping, the update, zeroing). On a CPU a lap
-reads the wall clock. On a GPU it records a CUDA event instead, so the loop never waits for the device
-to measure it; the events are resolved when `read()` is called at a logging step, where the loop
-synchronises anyway.
-"""
+"""Where a training step's time goes, and how much memory it holds."""
 
 from __future__ import annotations
 
@@ -24,6 +17,11 @@ PHASES = ("data", "forward_backward", "optimizer")
 
 
 class StepClock:
+    """`lap(name)` closes a phase that began at the previous lap (or at `start()`): `data` (collating and copying
+    the batch), `forward_backward`, `optimizer` (clipping, the update, zeroing). On a CPU a lap reads the wall
+    clock. On a GPU it records a CUDA event instead, so the loop never waits for the device to measure it; the
+    events are resolved when `read()` is called at a logging step, where the loop synchronises anyway."""
+
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.pending: list[tuple[str, object, object]] = []  # (phase, start, end): events or floats

@@ -2,11 +2,6 @@
 
     dsum train recipes/tiny/t5-lora.yaml train.max_steps=20 output_dir=runs/t5
     accelerate launch --config_file accelerate_configs/zero3.yaml -m dsum train RECIPE
-
-`train()` reads top to bottom: set up, load data and model, prepare, loop over optimizer steps,
-save. The loss of an optimizer step is the mean over every target token of its accumulation window
-on every rank, so 4 micro-batches of 2 on one rank, or 2 ranks with 2 each and 2 steps of
-accumulation, train exactly as one batch of 8.
 """
 
 from __future__ import annotations
@@ -54,6 +49,12 @@ def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
 
 def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[str, Any], stop: StopSignals,
            closing: ExitStack, profile: StepProfiler, timed_from_step: int | None) -> Path:
+    """`train()`'s body, read top to bottom: set up, load data and model, prepare, loop over optimizer steps, save.
+
+    The loss of an optimizer step is the mean over every target token of its accumulation window on every rank,
+    so 4 micro-batches of 2 on one rank, or 2 ranks with 2 each and 2 steps of accumulation, train exactly as
+    one batch of 8.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 

@@ -1,8 +1,6 @@
-"""Dialogue/summary data: turns a recipe's `data` section into lists of `Example`s, one list per split.
-
-It owns the sources (the built-in synthetic corpus, local split files, Hub datasets), the mapping of
-their columns onto `Example` and the cleaning and merging policy; nothing else in dsum reads data.
-"""
+"""Dialogue/summary data: turns a recipe's `data` section into lists of `Example`s, one list per split. It owns
+the sources (synthetic corpus, local split files, Hub datasets), the mapping of their columns onto `Example` and the
+cleaning and merging policy; nothing else in dsum reads data."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""A built-in corpus of templated dialogues and one-sentence summaries, small enough to learn in minutes.
-
-Eleven everyday scenarios (booking a table, buying tickets, a doctor's visit, ...) are filled with
-slots (names, numbers, times, days, places, items) that the summary copies from the dialogue; a few
-outcomes change the summary's wording, and greetings and thanks that never reach the summary pad the
-dialogue, so a model has to pick out what matters. The vocabulary is a few hundred words.
-
-Splits never share a dialogue: each dialogue text belongs to one split by its SHA-256, and a split's
-generator keeps only the dialogues that belong to it. Output depends only on (split, n, seed).
-"""
+"""A built-in corpus of templated dialogues and one-sentence summaries, small enough to learn in minutes
+(`data.source: synthetic`)."""
 
 from __future__ import annotations
 
@@ -277,7 +269,13 @@ CLOSINGS_AFTER_B = (
 
 
 def compose(rng: random.Random) -> tuple[str, str]:
-    """One dialogue and its summary, in DialogSum's format; may fall outside the length limits."""
+    """One dialogue and its summary, in DialogSum's format; may fall outside the length limits.
+
+    Eleven everyday scenarios (booking a table, buying tickets, a doctor's visit, ...) are filled with slots
+    (names, numbers, times, days, places, items) that the summary copies from the dialogue; a few outcomes change
+    the summary's wording, and greetings and thanks that never reach the summary pad the dialogue, so a model has
+    to pick out what matters. The vocabulary is a few hundred words.
+    """
     scenario = rng.choice(SCENARIOS)
     a = rng.choice(NAMES) if rng.random() < 0.75 else None
     b = rng.choice([name for name in NAMES if name != a]) if scenario is meet_friend and rng.random() < 0.75 else None
@@ -311,7 +309,11 @@ def _fits(dialogue: str) -> bool:
 
 
 def generate(split: str, n: int, seed: int) -> list[Example]:
-    """`n` distinct dialogues of `split` ('train', 'validation' or 'test'), ids `synthetic-<split>-000000`..."""
+    """`n` distinct dialogues of `split` ('train', 'validation' or 'test'), ids `synthetic-<split>-000000`...
+
+    Splits never share a dialogue: each dialogue text belongs to one split by its SHA-256 (`split_of`), and a
+    split's generator keeps only the dialogues that belong to it. Output depends only on (split, n, seed).
+    """
     if split not in SPLITS:
         raise RecipeError(f"synthetic split {split!r}: expected one of {', '.join(SPLITS)}")
     rng = random.Random(f"dsum-synthetic/{seed}/{split}")  # str seeds are hashed with SHA-512: stable everywhere
