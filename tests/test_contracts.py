@@ -101,3 +101,16 @@ def test_generate_takes_a_kv_cache_by_the_name_dsum_gives_it_without_a_warning()
                        **{cache_argument(): cache})
     assert cache.get_seq_length() == 4, (f"generate ignored the cache given as {cache_argument()!r}; see "
                                          "dsum/generate.py cache_argument")
+
+
+def test_accelerate_state_can_be_reset_between_the_bench_s_ways():
+    """dsum/bench/harness.py fresh_state resets Accelerate's process-wide state before each way, as if each ran
+    in a process of its own: Accelerate keeps the first Accelerator's settings and refuses others."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    Accelerator(cpu=True, gradient_accumulation_steps=4)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert Accelerator(cpu=True, mixed_precision="no").gradient_accumulation_steps == 1, (
+        "Accelerate's _reset_state no longer resets its state; see dsum/bench/harness.py fresh_state")
