@@ -253,14 +253,15 @@ def load_for_eval(recipe: Recipe, checkpoint: Path | None):
         return load_model(recipe, recipe_base(recipe), for_training=False), load_tokenizer(recipe, Path(recipe.output_dir))
     if not checkpoint.is_dir():
         raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
-    check_checkpoint_family(recipe, checkpoint)
+    adapter = adapter_config(checkpoint)
+    check_checkpoint_family(recipe, checkpoint, adapter)
     run = owning_run(checkpoint) or Path(recipe.output_dir)
     tokenizer = (AutoTokenizer.from_pretrained(checkpoint) if (checkpoint / "tokenizer_config.json").is_file()
                  else load_tokenizer(recipe, run))
-    if (checkpoint / "adapter_config.json").is_file():
+    if adapter is not None:
         from peft import PeftModel
 
-        named = json.loads((checkpoint / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        named = adapter.get("base_model_name_or_path")
         base = named if named and (Path(named).is_dir() or not Path(named).is_absolute()) else recipe_base(recipe)
         model = PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint)
         return (model.merge_and_unload() if recipe.eval.merge_adapter else model), tokenizer
@@ -296,17 +297,37 @@ def owning_run(checkpoint: Path) -> Path | None:
     return None
 
 
-def check_checkpoint_family(recipe: Recipe, checkpoint: Path) -> None:
+def adapter_config(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's adapter_config.json, read once; None for a full model. One line where it does not read."""
+    path = checkpoint / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"--checkpoint {checkpoint}: adapter_config.json does not read ({short(err)}); expected "
+                          "the JSON object peft writes") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"--checkpoint {checkpoint}: adapter_config.json holds a {type(config).__name__}; expected "
+                          "the JSON object peft writes")
+    return config
+
+
+def check_checkpoint_family(recipe: Recipe, checkpoint: Path, adapter: dict[str, Any] | None) -> None:
     """A checkpoint is evaluated with the recipe's model family: a seq2seq model under a causal recipe
     (or the reverse) is refused in one line instead of failing deep in transformers."""
-    if (checkpoint / "adapter_config.json").is_file():
-        task = json.loads((checkpoint / "adapter_config.json").read_text()).get("task_type")
+    if adapter is not None:
+        task = adapter.get("task_type")
         family = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}.get(task)
         what = f"a {task} adapter"
     elif (checkpoint / "config.json").is_file():
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(checkpoint)
+        try:
+            config = AutoConfig.from_pretrained(checkpoint)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"--checkpoint {checkpoint}: config.json does not read as a model config "
+                              f"({short(err)})") from None
         family = config_family(config)
         what = f"a {config.model_type} model, {family}"
     else:

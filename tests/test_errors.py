@@ -282,6 +282,15 @@ CASES = [
     ("eval-adapter-of-another-family", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint",
                                                    checkpoint(ws, "adapter_config.json", {"task_type": "CAUSAL_LM"})],
      "a CAUSAL_LM adapter, but the recipe's model.family is seq2seq"),
+    ("eval-an-adapter-config-cut-short", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint", str(write(
+        (ws / "cut").mkdir() or ws / "cut" / "adapter_config.json", '{"task_type": "SEQ_2_SEQ_LM", ').parent)],
+     "cut: adapter_config.json does not read (Expecting property name"),
+    ("eval-an-adapter-config-that-is-a-list", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint", str(write(
+        (ws / "listed").mkdir() or ws / "listed" / "adapter_config.json", "[1, 2]").parent)],
+     "listed: adapter_config.json holds a list; expected the JSON object peft writes"),
+    ("eval-a-model-config-cut-short", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint", str(write(
+        (ws / "cutmodel").mkdir() or ws / "cutmodel" / "config.json", '{"model_type": "t5", ').parent)],
+     "cutmodel: config.json does not read as a model config"),
     ("unknown-accelerate-config", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1",
                                               "--accelerate", "zero9", "--dry-run"],
      "--accelerate zero9: no such config; expected one of"),
