@@ -317,6 +317,7 @@ def prepare_for_training(recipe: Recipe, model):
 
         # Checkpointing is switched on below, by its current name, rather than by peft's call of the old one.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layout(model)
     if checkpointing:
         enable_activation_checkpointing(model)
     if recipe.adapter.method != "none":
@@ -324,6 +325,16 @@ def prepare_for_training(recipe: Recipe, model):
         if checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place, for inference, the first time a
+    forward in eval mode sees it (a validation), and marks its quant state repacked: training on after it
+    reads the weights wrong, and under FSDP the repacked weight is a gathered copy that the next reshard drops
+    while the mark stays. A model in training keeps the layout it was quantized in."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_activation_checkpointing(model) -> None:

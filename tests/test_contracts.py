@@ -114,3 +114,15 @@ def test_accelerate_state_can_be_reset_between_the_bench_s_ways():
     GradientState._reset_state()
     assert Accelerator(cpu=True, mixed_precision="no").gradient_accumulation_steps == 1, (
         "Accelerate's _reset_state no longer resets its state; see dsum/bench/harness.py fresh_state")
+
+
+def test_bitsandbytes_repacks_4bit_weights_for_the_cpu_only_where_its_flag_allows():
+    """dsum/modeling.py keep_4bit_layout clears Linear4bit.support_avx512bf16_for_cpu so that a validation does not
+    repack a model's 4-bit weights in the middle of training."""
+    import bitsandbytes as bnb
+
+    assert hasattr(bnb.nn.Linear4bit(4, 4), "support_avx512bf16_for_cpu"), (
+        "bitsandbytes' Linear4bit lost support_avx512bf16_for_cpu; see dsum/modeling.py keep_4bit_layout")
+    forward = inspect.getsource(bnb.nn.Linear4bit.forward)
+    assert "self.support_avx512bf16_for_cpu" in forward and "not self.training" in forward, (
+        "Linear4bit.forward repacks its weight under other conditions; see dsum/modeling.py keep_4bit_layout")
