@@ -277,13 +277,14 @@ def logits_for_targets_only(model) -> bool:
 
 def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
     """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there. It is
-    always loaded from there, so that adapters, resumed runs and every rank see the same weights."""
-    from accelerate.utils import set_seed  # transformers' own is among its Trainer's utilities (see build_scheduler)
-
+    always loaded from there, so that adapters, resumed runs and every rank see the same weights. The draws
+    are made on a fork of torch's generator: the rank that writes the base and the ranks that read it go on
+    from the same random state (an adapter's initial weights, under FSDP, are each rank's own)."""
     base = output_dir / BASE_DIR
     if not (base / "config.json").is_file():
-        set_seed(recipe.train.seed)
-        model = auto_class(recipe.model.family).from_config(config, dtype=torch_dtype(recipe.model.dtype))
+        with torch.random.fork_rng(devices=[]):  # the device's generator is not drawn from here
+            torch.manual_seed(recipe.train.seed)
+            model = auto_class(recipe.model.family).from_config(config, dtype=torch_dtype(recipe.model.dtype))
         with written(base, "the random-init base") as tmp:
             model.save_pretrained(tmp)
     return base
