@@ -1,4 +1,5 @@
-"""The package's own style: every module opens by saying, in one or two sentences, what it owns, and imports only the stages before it."""
+"""The package's own style: every module opens by saying, in one or two sentences, what it owns, and imports
+only the stages before it."""
 
 from __future__ import annotations
 
