@@ -1,6 +1,6 @@
 """The true process group (rank, world size, barriers and sums across every training process), which all that
-shards data, counts tokens or writes files asks, not Accelerate. Accelerate's own state is not always the truth:
-under DeepSpeed on a CPU it reports one process while DeepSpeed runs several."""
+shards data, counts tokens or writes files asks, not Accelerate, and the sharding of the weights (ZeRO-3, FSDP).
+Accelerate's own state is not always the truth: on a CPU it believes DeepSpeed alone, and trains FSDP as DDP."""
 
 from __future__ import annotations
 
@@ -165,9 +165,9 @@ def synced_gpus(accelerator, model) -> bool:
 @contextmanager
 def whole_root(model) -> Iterator[None]:
     """The weights of an FSDP2 model's root unit gathered for the length of the block. FSDP gathers a unit's
-    weights when its forward is called, and generation calls the encoder, the decoder and the output head
-    apart from the root module, whose own weights (T5's final norms; a LoRA model's unwrapped base) would
-    stay sharded. Nothing for a model FSDP has not sharded."""
+    weights in that unit's forward, but generation calls T5's encoder, and the model inside a LoRA wrapper,
+    apart from the root module: after a backward, the root's own weights (T5's final norms, say) would stay
+    sharded there. Nothing for a model FSDP has not sharded."""
     if not fsdp_sharded(model):
         yield
         return

@@ -121,8 +121,9 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     fast_dropout = cpu_speed.fast_dropout(model, cfg, accelerator.device, compiled=compiled is not None)
     if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
         check_generation(recipe.eval, model, synced_gpus=distributed.shards_weights(accelerator))
+    parameters = describe_parameters(model)  # counted before FSDP shards 4-bit weights into plain DTensors
     if distributed.is_main():
-        print(describe_parameters(model), flush=True)
+        print(parameters, flush=True)
         if fast_dropout is not None and fast_dropout.active:
             print(fast_dropout.describe(), flush=True)
         if compiled is not None:
@@ -152,7 +153,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     metrics = MetricsLog(output_dir, keep_through_step=step)
     run.update(total_steps=total_steps, global_batch_size=plan.global_batch_size, steps_per_epoch=plan.steps_per_epoch,
-               num_train_examples=plan.num_examples, truncation=truncation, parameters=describe_parameters(model),
+               num_train_examples=plan.num_examples, truncation=truncation, parameters=parameters,
                launch=launch_info(accelerator),  # now with DeepSpeed's filled-in config
                attention=attention,  # None: transformers' own choice
                max_tokens_per_batch=budget)

@@ -76,8 +76,10 @@ def runs(tmp_path_factory):
 def test_two_ranks_under_fsdp_equal_one_rank_with_twice_the_batch(runs, name):
     config, _, _, blocks = CASES[name]
     single, fsdp = runs(name)
-    launch = json.loads((fsdp / "run.json").read_text())["launch"]
+    run, reference = (json.loads((d / "run.json").read_text()) for d in (fsdp, single))
+    launch = run["launch"]
     assert launch["distributed_type"] == "DistributedType.FSDP" and launch["accelerate_num_processes"] == 2
+    assert run["parameters"] == reference["parameters"]  # 4-bit weights counted as such, not as sharded floats
     # The wrapped blocks come from the model (its _no_split_modules), not from the config file.
     assert launch["fsdp"] == {"version": 2, "reshard_after_forward": True, "offload": config == "fsdp_offload",
                               "state_dict_type": "SHARDED_STATE_DICT", "wrapped_blocks": blocks}
