@@ -37,8 +37,8 @@ def export(source: Path, out: Path, *, merge: bool, dtype: str | None, base: str
     model, tokenizer = load_trained(checkpoint, dequantize=merge)
     if whole:
         model = (model.merge_and_unload() if merge else model).to(torch_dtype(dtype))
-        settings = generation_settings(checkpoint, tokenizer)
-        model.generation_config.update(**settings)
+        model.config.use_cache = True  # training with activation checkpointing saved it switched off
+        model.generation_config.update(**generation_settings(checkpoint, tokenizer))
     else:  # recorded in adapter_config.json, where AutoPeftModel finds it
         model.peft_config["default"].base_model_name_or_path = str(checkpoint.base)
     with written(out, "the export") as tmp:

@@ -77,7 +77,12 @@ def read_checkpoint(path: Path, *, base: str | None = None, recipe: Recipe | Non
     run = owning_run(path)
     adapter = adapter_config(path, label) if layout == FINAL_LAYOUT else None
     state = saved_state(path, label) if layout != FINAL_LAYOUT else {}
-    trained = trained_recipe(state, path, run, label) or recipe
+    try:
+        trained = trained_recipe(state, path, run, label) or recipe
+    except RecipeError:
+        if recipe is None:
+            raise
+        trained = recipe  # saved by a dsum whose recipes this one no longer reads: the recipe given serves
     family = checkpoint_family(path, layout, adapter, trained, label)
     if recipe is not None and family != recipe.model.family:
         raise family_mismatch(recipe, family, path, layout, adapter, label)
