@@ -11,7 +11,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from dsum.config import RecipeError, RunError, load_recipe
+from dsum.config import Recipe, RecipeError, RunError, load_recipe
 from dsum.preemption import Stopped
 
 EXIT_USAGE = 2
@@ -236,11 +236,43 @@ def run_train(args: argparse.Namespace) -> int:
     if resume is not None and "=" in resume and not Path(resume).exists():
         overrides.insert(0, resume)  # `--resume key=value`: the flag was bare, the word an override
         resume = "latest"
-    recipe = load_recipe(args.recipe, overrides)
+    train_and_evaluate(load_recipe(args.recipe, overrides), resume=resume, overwrite=args.overwrite)
+    return 0
+
+
+def train_and_evaluate(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
+                       run_tags: dict | None = None) -> Path:
+    """`dsum train`: train to `final/` (dsum.train), then evaluate it and finish the run (dsum.evaluate); a
+    run that trained before and stopped in its evaluation goes straight to the evaluation. `--resume auto`,
+    what a requeued job runs, continues, starts, evaluates or sees that the run is done. Returns `final/`."""
+    import time
+
+    from dsum import distributed, run_dir
+    from dsum.console import closing_line
+    from dsum.evaluate import evaluate_run
     from dsum.train import train
 
-    train(recipe, resume=resume, overwrite=args.overwrite)
-    return 0
+    output_dir = Path(recipe.output_dir)
+    final = output_dir / run_dir.FINAL
+    if resume == "auto":
+        resume, overwrite = run_dir.auto_resume(output_dir)
+    if resume == run_dir.FINISHED:
+        if distributed.is_main():
+            print(f"{output_dir} already holds a finished run; nothing to do", flush=True)
+        return final
+    began = time.perf_counter()
+    if resume in ("latest", run_dir.EVALUATE) and run_dir.only_evaluation_left(output_dir):
+        if distributed.is_main() and recipe.eval.after_training:
+            print(f"{output_dir} holds a trained run whose evaluation did not finish; evaluating {final}", flush=True)
+        evaluate_run(recipe, output_dir)
+    else:
+        train(recipe, resume=resume, overwrite=overwrite, run_tags=run_tags)
+        if recipe.eval.after_training:
+            evaluate_run(recipe, output_dir)
+    if distributed.is_main():
+        print(closing_line(output_dir, time.perf_counter() - began, evaluated=recipe.eval.after_training), flush=True)
+    distributed.end()
+    return final
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -362,11 +394,9 @@ DEMO_RECIPE = "demo.yaml"
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from dsum.train import train
-
     with resources.as_file(resources.files("dsum") / DEMO_RECIPE) as path:
         recipe = load_recipe(path, [f"output_dir={args.output_dir}"])
-    train(recipe, overwrite=is_demo_run(Path(args.output_dir)), run_tags={"demo": True})
+    train_and_evaluate(recipe, overwrite=is_demo_run(Path(args.output_dir)), run_tags={"demo": True})
     return 0
 
 

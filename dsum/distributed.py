@@ -44,6 +44,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def end() -> None:
+    """Close the process group at the end of a command, as torch asks of a process before it exits."""
+    if dist := process_group():
+        _HOST_GROUPS.clear()
+        dist.destroy_process_group()
+
+
 @contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (to build and cache something); the others then run it from cache."""

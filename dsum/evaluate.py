@@ -11,14 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
-from dsum import cpu_speed, distributed
+from dsum import cpu_speed, distributed, run_dir
 from dsum.config import Recipe, RecipeError, recipe_to_dict
 from dsum.console import evaluation_summary
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, generate_predictions
-from dsum.preemption import StopSignals
+from dsum.preemption import StopSignals, Stopped
 from dsum.prompts import pick_shots
-from dsum.run_dir import BASE_DIR
+from dsum.run_info import RunInfo
 from dsum.scoring import ROUGE_KEYS, rouge_from_matrix, rouge_table, spread_score_matrix
 from dsum.trained import Checkpoint, check_merge, evaluation_dir, load_for_eval, read_checkpoint
 
@@ -185,11 +185,27 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
                         accelerator=accelerator, model_source=source, stop=stop)
 
 
+def evaluate_run(recipe: Recipe, output_dir: Path) -> None:
+    """The end of `dsum train`, after `train()` saved `final/`: with `eval.after_training`, `final/` is
+    evaluated into `eval/` as `dsum eval` would (the predictions a stopped evaluation left are kept), then the
+    run is finished. A stop or an error here is written to run.json, and leaves the evaluation alone to do."""
+    with run_dir.claim(output_dir, resuming=True, overwrite=False), RunInfo.existing(output_dir) as run:
+        if recipe.eval.after_training:
+            try:
+                run_eval(recipe, checkpoint=output_dir / run_dir.FINAL, output_dir=output_dir / run_dir.EVAL_DIR,
+                         overwrite=False, skip_finished=True)
+            except Stopped as stopped:
+                run.update(status="stopped", stopped_by=stopped.by, stopped_in="evaluation")
+                raise
+        run.finish()
+    distributed.barrier()
+
+
 def model_source(recipe: Recipe, checkpoint: Checkpoint | None) -> str:
     """The evaluated model as metrics.json names it: the checkpoint, or the base alone (zero-shot)."""
     if checkpoint is not None:
         return str(checkpoint.path.resolve())
-    return recipe.model.name_or_path or str((Path(recipe.output_dir) / BASE_DIR).resolve())
+    return recipe.model.name_or_path or str((Path(recipe.output_dir) / run_dir.BASE_DIR).resolve())
 
 
 def prepare_for_inference(accelerator, model, recipe: Recipe):

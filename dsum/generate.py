@@ -98,8 +98,8 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
         if stop is not None and distributed.sum_all([stop.vote()])[0]:
             if sink is not None:
                 sink.close()
-            raise Stopped(f"stopped on {stop.received or 'a signal to another process'} after {call} of {calls} "
-                          f"batches; the predictions so far are in {partial_dir}; run the same command to continue")
+            raise Stopped(f"stopped on {stop.by} after {call} of {calls} batches; the predictions so far are in "
+                          f"{partial_dir}; run the same command to continue", by=stop.by)
         repeat = call >= len(mine)  # out of work, but ZeRO-3 needs every rank in every forward pass
         ids = mine[call] if not repeat else batches[0]
         rows = [prompt_ids[i] for i in ids]

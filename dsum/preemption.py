@@ -10,7 +10,12 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Stopped(Exception):
-    """The run stopped on a signal after saving its progress; running the same command continues it."""
+    """The run stopped on a signal after saving its progress; running the same command continues it. `by`
+    names the signal, or says it reached another process."""
+
+    def __init__(self, message: str, by: str) -> None:
+        super().__init__(message)
+        self.by = by
 
 
 class StopSignals:
@@ -45,6 +50,11 @@ class StopSignals:
         if signum == signal.SIGINT and self.received == "SIGINT":
             raise KeyboardInterrupt  # Ctrl-C twice: the person will not wait for the step to end
         self.received = self.received or signal.Signals(signum).name
+
+    @property
+    def by(self) -> str:
+        """Who stopped the run, as run.json says it: the signal this process received, if any."""
+        return self.received or "a signal to another process"
 
     def vote(self) -> int:
         """This process's vote for stopping, to be summed over ranks with the step's other counts."""

@@ -330,6 +330,8 @@ def differences_notes(names: list[str], runs: list[RunResult], settings: list[li
     notes = [] if settings else ["No recipe setting differs between the runs (output_dir aside)."]
     notes += [f"{name}: an evaluation without its run (no {RUN_FILE} beside it): no recipe or training figures."
               for name, r in zip(names, runs) if r.run_dir is None]
+    notes += [f"{name}: its {RUN_FILE} does not read as a run's record: no recipe or training figures."
+              for name, r in zip(names, runs) if r.run_dir is not None and not r.info]
     return notes
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from dsum import distributed
 from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 from dsum.data.sources import text_lines
-from dsum.run_dir import FIRST_STEP, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR, flat
+from dsum.run_dir import FIRST_STEP, METRICS_FILE, RUN_FILE, TENSORBOARD_DIR, flat, read_run
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,20 @@ class RunInfo:
     As a context manager: an exception that leaves the block while the run is still `running` marks it
     `failed`, with the error's one line, before it goes on up."""
 
-    def __init__(self, output_dir: Path, recipe: Recipe, accelerator, world_size: int):
+    def __init__(self, output_dir: Path, recipe: Recipe | None, accelerator, world_size: int):
         self.path = output_dir / RUN_FILE
         self.recipe = recipe
         self.accelerator = accelerator
         self.info: dict[str, Any] = {}
         self.world_size = world_size
+
+    @classmethod
+    def existing(cls, output_dir: Path) -> RunInfo:
+        """The run.json an earlier `start` wrote, to be brought up to date (a run's evaluation, after its
+        training)."""
+        run = cls(output_dir, recipe=None, accelerator=None, world_size=0)
+        run.info = read_run(output_dir)
+        return run
 
     def start(self, **details: Any) -> None:
         """Written before anything else, so that a directory with dsum's files always says whose they are."""
@@ -83,17 +91,6 @@ class RunInfo:
             tmp = self.path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.info, indent=2, default=str) + "\n")
             tmp.replace(self.path)
-
-
-def mark_finished(output_dir: Path) -> None:
-    """A run whose evaluation was finished apart (`dsum train --resume auto` after a stop while evaluating)."""
-    if distributed.is_main():
-        path = output_dir / RUN_FILE
-        info = {**json.loads(path.read_text()), "status": "finished", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-        tmp.replace(path)
-    distributed.barrier()
 
 
 def one_line(error: BaseException) -> str:

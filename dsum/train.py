@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dsum import checkpoint, cpu_speed, distributed, faults, run_dir, sizing
-from dsum.console import closing_line, opening_summary, validation_line
+from dsum.console import opening_summary, validation_line
 from dsum.batching import BatchPlan, training_plan
 from dsum.compiling import CompiledBlocks
 from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed, recipe_to_dict
@@ -28,7 +28,7 @@ from dsum.modeling import (check_buildable, check_packing, describe_parameters, 
                            logits_for_targets_only, materialize_base, model_config, restore_attention, save_tokenizer,
                            training_attention, warn_of_remote_code)
 from dsum.profiling import StepProfiler
-from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info, mark_finished
+from dsum.run_info import MetricsLog, RunInfo, Trackers, launch_info
 from dsum.telemetry import (FlopCounter, LogWindow, StepClock, Stretch, device_peak_flops, model_flops,
                             reset_gpu_peaks, telemetry_summary)
 
@@ -37,9 +37,13 @@ from dsum.telemetry import (FlopCounter, LogWindow, StepClock, Stretch, device_p
 def train(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
           run_tags: dict[str, Any] | None = None, profile: StepProfiler | None = None,
           timed_from_step: int | None = None) -> Path:
-    """Train one recipe and return the directory of its `final/` export; `run_tags` go into run.json;
-    `profile` (dsum.profiling) is told of the end of every optimizer step; with `timed_from_step`, run.json's
-    telemetry also holds `after_step`, the figures of the steps after it (a benchmark's timed window).
+    """Train one recipe and return the directory of its `final/` export; `resume` is None, "latest" or a
+    checkpoint; `run_tags` go into run.json; `profile` (dsum.profiling) is told of the end of every optimizer
+    step; with `timed_from_step`, run.json's telemetry also holds `after_step`, the figures of the steps after it
+    (a benchmark's timed window).
+
+    Training ends at `final/`: with `eval.after_training` the run is left trained but not finished, for
+    `evaluate.evaluate_run` to evaluate and finish; without, it is finished here.
 
     SIGUSR1 or SIGTERM, from the start: save a checkpoint at the next step boundary and raise `Stopped`.
     """
@@ -58,17 +62,9 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    began = time.perf_counter()
     output_dir = Path(recipe.output_dir)
     cfg = recipe.train
     warn_of_remote_code(recipe)
-    if resume == "auto":  # what a requeued job runs: continue, start, or see that it is done
-        resume, overwrite = run_dir.auto_resume(output_dir)
-        if resume == run_dir.FINISHED:
-            print(f"{output_dir} already holds a finished run; nothing to do", flush=True)
-            return output_dir / run_dir.FINAL
-    if resume in ("latest", run_dir.EVALUATE) and run_dir.only_evaluation_left(output_dir):
-        return finish_evaluation(recipe, output_dir)  # trained and saved final/: only the evaluation is left
 
     # ---- set up: launch, output directory, seed -------------------------------------------
     accelerator = Accelerator(
@@ -280,17 +276,17 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     loop_ended = time.perf_counter()
     loop_seconds = loop_ended - started
     if fast_dropout is not None:
-        fast_dropout.remove()  # the model is saved and evaluated as it was loaded
+        fast_dropout.remove()  # the model is saved as it was loaded
     if attention != recipe.model.attn_implementation:
         restore_attention(accelerator.unwrap_model(model))  # generation takes transformers' own
     guard.check(run)
     if step < total_steps:  # stopped by a signal
         stop_after_signal(accelerator, output_dir, trainer_state(step, plan, recipe, window_log, guard.skipped), cfg,
-                          run, stop.received)
+                          run, stop)
 
     # ---- save ------------------------------------------------------------------------------
-    closing.enter_context(eager(compiled))  # validation and generation from here on
-    record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
+    with eager(compiled):
+        record = validate(model, tokenizer, val_examples, val_features, collate, token_loss, recipe, accelerator)
     metrics.write({"step": step, "epoch": round(plan.epochs_done(step), 4), **record})
     trackers.log(record, step)
     if distributed.is_main():
@@ -303,56 +299,23 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
                | ({"after_step": stretch.summary(step, seen, loop_ended, set_aside, peak_flops, world_size)}
                   if stretch is not None else {})
                | ({"compiled_graphs": compiled.graphs} if compiled is not None else {}))
-    if recipe.eval.after_training:
-        from dsum.evaluate import evaluate
-
-        try:
-            evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                     output_dir=output_dir / run_dir.EVAL_DIR, accelerator=accelerator,
-                     model_source=str(final.resolve()), stop=stop)
-        except Stopped:
-            run.update(status="stopped", stopped_by=stop.received or "a signal to another process",
-                       stopped_in="evaluation")
-            raise
-    run.finish()
+    if not recipe.eval.after_training:  # else evaluate.evaluate_run finishes it
+        run.finish()
     trackers.finish()
-    accelerator.end_training()
-    if distributed.is_main():
-        print(closing_line(output_dir, time.perf_counter() - began, evaluated=recipe.eval.after_training), flush=True)
-    return final
-
-
-# ----------------------------------------------------------------------------------------------
-# Pieces of the loop
-
-
-def finish_evaluation(recipe: Recipe, output_dir: Path) -> Path:
-    """A run that trained and saved final/ but stopped or was killed while evaluating: the evaluation
-    alone, its predictions so far kept (dsum eval's resume), then the run is finished."""
-    from dsum.evaluate import run_eval
-
-    final = output_dir / run_dir.FINAL
-    if distributed.is_main():
-        print(f"{output_dir} holds a trained run whose evaluation did not finish; evaluating {final}", flush=True)
-    with run_dir.claim(output_dir, resuming=True, overwrite=False):
-        if recipe.eval.after_training:
-            run_eval(recipe, checkpoint=final, output_dir=output_dir / run_dir.EVAL_DIR, overwrite=False,
-                     skip_finished=True)
-        mark_finished(output_dir)
+    accelerator.free_memory()  # the engine, optimizer and model go with this function: the evaluation loads final/
     return final
 
 
 def stop_after_signal(accelerator, output_dir: Path, state: dict[str, Any], cfg: TrainConfig, run: RunInfo,
-                      signal_name: str | None) -> None:
+                      stop: StopSignals) -> None:
     """Save a checkpoint at this step boundary (unless one was just saved), record it, and stop."""
     step = state["global_step"]
     path = run_dir.checkpoint_path(output_dir, step)
     if step > 0 and not (path / run_dir.MARKER).is_file():  # not at the start, nor just saved or resumed
         path = checkpoint.save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
-    reason = signal_name or "a signal to another process"
-    run.update(status="stopped", stopped_at_step=step, stopped_by=reason)
+    run.update(status="stopped", stopped_at_step=step, stopped_by=stop.by)
     saved = f"checkpoint {path}; continue with --resume latest (or auto)" if step > 0 else "nothing to save yet"
-    raise Stopped(f"stopped on {reason} at step {step}; {saved}")
+    raise Stopped(f"stopped on {stop.by} at step {step}; {saved}", by=stop.by)
 
 
 def validate(model, tokenizer, examples, features, collate, token_loss: TokenLoss, recipe: Recipe,

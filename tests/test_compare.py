@@ -111,6 +111,10 @@ def test_runs_alike_in_their_recipe_say_so_and_an_evaluation_alone_has_no_traini
     assert steps == ["20", "-"]
     same, _ = dsum_compare(a, write_run(tmp_path, "c", list(range(6))))
     assert "No recipe setting differs between the runs (output_dir aside)." in same
+    (b / "run.json").write_text('{"status": "fini')  # cut short: the evaluation is compared, the record said lost
+    cut, _ = dsum_compare(a, b)
+    assert "b: its run.json does not read as a run's record: no recipe or training figures." in cut
+    assert [line for line in cut if line.startswith("optimizer steps")][0].split()[2:] == ["20", "-"]
 
 
 def test_runs_scored_on_different_dialogues_are_warned_of_and_paired_on_the_shared_ones(tmp_path, workdir):

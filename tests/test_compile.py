@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny
 from dsum import compiling
+from dsum.cli import train_and_evaluate
 from dsum.train import train
 from test_train import assert_same_weights, losses, metric_rows
 
@@ -39,9 +40,10 @@ def test_graphs_compiled_over_an_epoch_of_changing_shapes_stay_few(tmp_path, mon
     and nothing more compiles in validation and generation after the loop. The backend does not change
     what is compiled when, only how: aot_eager here, which skips inductor's code generation."""
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
-    run = train(tiny("t5-full", tmp_path / "run", "train.compile=true", "train.num_epochs=1", "train.logging_steps=2",
-                     "train.group_by_length=true", "train.max_tokens_per_batch=1024", "eval.after_training=true",
-                     "eval.max_new_tokens=4", *NO_DROPOUT["t5-full"])).parent
+    recipe = tiny("t5-full", tmp_path / "run", "train.compile=true", "train.num_epochs=1", "train.logging_steps=2",
+                  "train.group_by_length=true", "train.max_tokens_per_batch=1024", "eval.after_training=true",
+                  "eval.max_new_tokens=4", *NO_DROPOUT["t5-full"])
+    run = train_and_evaluate(recipe).parent
     rows = metric_rows(run)
     shapes = {r["processed_tokens_per_second"] / r["tokens_per_second"] for r in rows}
     assert len(rows) >= 5 and len(shapes) >= 5  # the padding, and so the shapes, change from record to record

@@ -74,9 +74,13 @@ def test_two_rank_ddp_equals_one_rank_with_twice_the_batch(tmp_path, single_rank
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_deepspeed_zero_with_the_shipped_configs(tmp_path, single_rank, config):
     out = tmp_path / config
+    # Under ZeRO-3 the run also evaluates: final/ is loaded again, sharded by a new engine, and generated from.
+    evaluating = ["eval.after_training=true", "data.synthetic.test_size=6", "eval.max_new_tokens=4"]
     launch(["accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"),
-            "--num_processes", "2", "--main_process_port", str(free_port())], out, "train.per_device_batch_size=2")
+            "--num_processes", "2", "--main_process_port", str(free_port())], out, "train.per_device_batch_size=2",
+           *(evaluating if config == "zero3" else []))
     run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished"
     assert run["launch"]["deepspeed_config"]["zero_optimization"]["stage"] == int(config[-1])
     assert run["launch"]["deepspeed_config"]["gradient_accumulation_steps"] == 1
     # Each rank trained on its own shard: the result is the single-rank run with twice the batch.
@@ -91,6 +95,9 @@ def test_deepspeed_zero_with_the_shipped_configs(tmp_path, single_rank, config):
             a = model(input_ids=ids, decoder_input_ids=ids).logits
             b = reference(input_ids=ids, decoder_input_ids=ids).logits
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+        evaluation = json.loads((out / "eval" / "metrics.json").read_text())
+        assert evaluation["world_size"] == 2 and evaluation["n"] == 6
+        assert evaluation["model"] == str((out / "final").resolve())
 
 
 def test_qlora_under_zero3_needs_a_matching_storage_dtype(tmp_path):

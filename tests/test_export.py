@@ -194,9 +194,11 @@ def zero3(tmp_path_factory) -> Path:
 def test_a_zero3_checkpoint_exports_and_evaluates_as_one_process_trained_it(zero3, tmp_path):
     """The ZeRO-3 shards of step 1, gathered in one process, are the model one process makes in one step of
     the same global batch: exported, merged, and evaluated."""
+    from dsum.cli import train_and_evaluate
+
     single = tmp_path / "single"
-    train(tiny("t5-lora", single, "train.max_steps=1", "train.per_device_batch_size=4", "eval.after_training=true",
-               "eval.max_new_tokens=8"))
+    train_and_evaluate(tiny("t5-lora", single, "train.max_steps=1", "train.per_device_batch_size=4",
+                            "eval.after_training=true", "eval.max_new_tokens=8"))
     lines = export(zero3 / STEP_1, tmp_path / "merged", "--merge")
     assert "the LoRA adapter saved at step 1 (DeepSpeed ZeRO shards), merged into its base" in lines[0]
     loaded = load_without_dsum(tmp_path, {"zero3": ("seq2seq", tmp_path / "merged")})

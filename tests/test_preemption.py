@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny
 from dsum.preemption import Stopped
+from dsum.cli import train_and_evaluate
 from dsum.train import train
 
 # Dropout and a warm-up schedule, so that RNG, scheduler and optimizer state all matter; logging every
@@ -61,7 +62,7 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_auto_finishes_identicall
     handler = signal.getsignal(signum)
     watcher = signal_when(run, signum, at_step=4)
     with pytest.raises(Stopped, match=f"stopped on {signal.Signals(signum).name} at step"):
-        train(recipe, resume="auto")
+        train_and_evaluate(recipe, resume="auto")
     watcher.join()
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "stopped" and info["stopped_by"] == signal.Signals(signum).name
@@ -72,7 +73,7 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_auto_finishes_identicall
     # The handlers from before are back once the loop is over.
     assert signal.getsignal(signum) == handler
 
-    train(recipe, resume="auto")
+    train_and_evaluate(recipe, resume="auto")
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     # Every log window is whole, the one the stop cut included.
     assert [s for s, _ in losses(run)] == [s for s, _ in losses(straight)] == list(range(4, 49, 4))
@@ -82,7 +83,7 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_auto_finishes_identicall
 
     # A requeued job that finds the run finished does nothing.
     before = (run / "final" / "adapter_model.safetensors").read_bytes()
-    assert train(recipe, resume="auto") == run / "final"
+    assert train_and_evaluate(recipe, resume="auto") == run / "final"
     assert (run / "final" / "adapter_model.safetensors").read_bytes() == before
 
 
@@ -90,13 +91,13 @@ def test_resume_auto_starts_a_run_next_to_the_slurm_logs_and_restarts_one_that_s
     run = tmp_path / "run"
     (run / "slurm").mkdir(parents=True)
     (run / "slurm" / "job.out").write_text("log of the job that is running now\n")
-    train(tiny("t5-lora", run, "train.max_steps=2"), resume="auto")
+    train_and_evaluate(tiny("t5-lora", run, "train.max_steps=2"), resume="auto")
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     # A run killed before its first checkpoint (so before final/) starts over; the job's logs stay.
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**info, "status": "running", "trained": False}))
     shutil.rmtree(run / "final")
-    train(tiny("t5-lora", run, "train.max_steps=3"), resume="auto")
+    train_and_evaluate(tiny("t5-lora", run, "train.max_steps=3"), resume="auto")
     assert [step for step, _ in losses(run)] == [1, 2, 3]
     assert (run / "slurm" / "job.out").read_text() == "log of the job that is running now\n"
 
@@ -172,7 +173,7 @@ def test_a_stop_while_evaluating_keeps_the_training_and_resume_auto_only_evaluat
     run = tmp_path / "run"
     monkeypatch.setenv("DSUM_FAULT", "generate.batch:term@1")
     with pytest.raises(Stopped, match="stopped on SIGTERM after 1 of 3 batches"):
-        train(tiny("t5-lora", run, *EVALUATING))
+        train_and_evaluate(tiny("t5-lora", run, *EVALUATING))
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "stopped" and info["stopped_in"] == "evaluation" and info["trained"] is True
     assert (run / "final" / "adapter_model.safetensors").is_file() and not (run / "eval" / "metrics.json").exists()
@@ -181,7 +182,7 @@ def test_a_stop_while_evaluating_keeps_the_training_and_resume_auto_only_evaluat
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
 
     monkeypatch.delenv("DSUM_FAULT")
-    train(tiny("t5-lora", run, *EVALUATING), resume="auto")
+    train_and_evaluate(tiny("t5-lora", run, *EVALUATING), resume="auto")
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert json.loads((run / "eval" / "metrics.json").read_text())["n"] == 6
     assert {p: p.read_bytes() for p in trained} == trained  # not trained again

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import ROOT, run_dsum, tiny
 from dsum.config import load_recipe
+from dsum.cli import train_and_evaluate
 from dsum.train import train
 
 PACKAGE = ROOT / "dsum"
@@ -66,7 +67,7 @@ def test_weights_are_safetensors_and_secrets_stay_out_of_what_a_run_writes(tmp_p
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
     run = tmp_path / "run"
-    train(tiny("t5-full", run, "train.max_steps=2", "train.save_steps=1", "eval.after_training=true",
+    train_and_evaluate(tiny("t5-full", run, "train.max_steps=2", "train.save_steps=1", "eval.after_training=true",
                "train.trackers=[tensorboard]"))
     printed = "".join(capfd.readouterr())
     for path in run.rglob("*"):

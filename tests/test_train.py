@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny
 from dsum.config import RecipeError
+from dsum.cli import train_and_evaluate
 from dsum.train import train
 
 
@@ -40,8 +41,8 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
 @pytest.mark.parametrize("name", ["t5-full", "t5-lora", "t5-qlora", "llama-full", "llama-lora", "llama-qlora"])
 def test_each_tiny_recipe_learns(tmp_path, name):
     out = tmp_path / name
-    final = train(tiny(name, out, "train.max_steps=12", "train.logging_steps=3", "train.per_device_batch_size=4",
-                       "eval.after_training=true", "eval.max_new_tokens=8"))
+    final = train_and_evaluate(tiny(name, out, "train.max_steps=12", "train.logging_steps=3",
+                                    "train.per_device_batch_size=4", "eval.after_training=true", "eval.max_new_tokens=8"))
     history = losses(out)
     assert len(history) == 4
     assert history[-1] < history[0] * 0.9, history
@@ -99,11 +100,33 @@ def test_a_resume_that_would_change_the_run_is_refused_naming_the_key(tmp_path, 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_training_lets_go_of_its_model_before_the_evaluation_loads_final(tmp_path, monkeypatch):
+    """`dsum train` evaluates final/ after train() returns: the model, its optimizer and Accelerate's references
+    to them must be gone by then, or the evaluation would hold a second model beside the first."""
+    import gc
+    import weakref
+
+    import peft  # noqa: F401 - bitsandbytes, which peft imports, logs an exception whose traceback holds every
+    # frame of the import, train()'s among them, for as long as a handler keeps the record (pytest's does)
+    import dsum.train
+
+    loaded, load = [], dsum.train.load_model
+    def watched(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(dsum.train, "load_model", watched)
+    train(tiny("t5-lora", tmp_path / "run", "train.max_steps=2", "train.save_steps=1"))
+    gc.collect()
+    assert len(loaded) == 1 and loaded[0]() is None
+
+
 def test_a_resume_may_train_longer_and_log_and_evaluate_otherwise(tmp_path):
     out = tmp_path / "run"
     train(tiny("t5-full", out, "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"))
     shutil.rmtree(out / "final")
-    train(tiny("t5-full", out, "train.max_steps=6", "train.save_steps=3", "train.logging_steps=2",
+    train_and_evaluate(tiny("t5-full", out, "train.max_steps=6", "train.save_steps=3", "train.logging_steps=2",
                "eval.after_training=true", "eval.max_new_tokens=4", "train.trackers=[]"), resume="latest")
     assert [r["step"] for r in metric_rows(out)] == [1, 2, 4, 6]  # the first run's to its checkpoint, then every 2
     assert json.loads((out / "run.json").read_text())["total_steps"] == 6 and (out / "eval" / "metrics.json").is_file()
@@ -119,7 +142,7 @@ def test_qlora_adapter_reloads_onto_the_saved_base_and_generates_the_same(tmp_pa
 
     out = tmp_path / "q"
     recipe = tiny("t5-qlora", out, "train.max_steps=6", "eval.after_training=true", "eval.max_new_tokens=12")
-    final = train(recipe)
+    final = train_and_evaluate(recipe)
     config = json.loads((final / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]) == (out / "base").resolve()
     base = load_model(recipe, config["base_model_name_or_path"], for_training=False)
@@ -196,7 +219,7 @@ def test_a_new_run_replaces_what_a_run_wrote_and_nothing_else(tmp_path, how):
         shutil.rmtree(out / "final")
         run = json.loads((out / "run.json").read_text())
         (out / "run.json").write_text(json.dumps({**run, "status": "failed"}))
-        train(tiny("t5-full", out, "train.max_steps=3"), resume="auto")
+        train_and_evaluate(tiny("t5-full", out, "train.max_steps=3"), resume="auto")
     else:
         train(tiny("t5-full", out, "train.max_steps=3"), overwrite=True)
     assert (out / "NOTES.md").read_text() == "mine" and (out / "src" / "main.py").read_text() == "print('mine')"
