@@ -117,7 +117,7 @@ def test_every_kind_of_model_exports_as_transformers_loads_it_and_computes_what_
         lines = export(runs[name], tmp_path / name, *merge)
         exports[name] = (family(name), tmp_path / name)
         assert lines[0].startswith(f"exporting {runs[name]}, the ")
-        assert lines[1].startswith(f"finished in ") and lines[1].endswith(
+        assert lines[1].startswith("finished in ") and lines[1].endswith(
             f"the export in {tmp_path / name}, which AutoModelFor{'Seq2Seq' if name.startswith('t5') else 'Causal'}"
             "LM.from_pretrained loads without dsum")
     assert {p.name for p in (tmp_path / "t5-lora").iterdir()} == {
