@@ -114,3 +114,19 @@ def test_accelerate_state_can_be_reset_between_the_bench_s_ways():
     GradientState._reset_state()
     assert Accelerator(cpu=True, mixed_precision="no").gradient_accumulation_steps == 1, (
         "Accelerate's _reset_state no longer resets its state; see dsum/bench/harness.py fresh_state")
+
+
+def test_bitsandbytes_warns_of_the_kernel_hub_where_dsum_filters_it():
+    """dsum/cli.py UNSAID drops, by logger and by how it begins, the warning bitsandbytes logs when it cannot
+    fetch its optional CPU kernel (offline): a message or module renamed would reach the user again."""
+    import importlib
+    import inspect
+    import logging
+
+    from dsum.cli import UNSAID
+
+    name, unsaid = next((name, unsaid) for name, unsaid in UNSAID if name.startswith("bitsandbytes"))
+    module = importlib.import_module(name)
+    assert getattr(module, "logger", None) is logging.getLogger(name), f"{name} no longer logs on its own logger"
+    assert unsaid.start in inspect.getsource(module), (
+        f"{name} no longer warns {unsaid.start!r}; see dsum/cli.py UNSAID")
