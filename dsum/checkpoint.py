@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from dsum import distributed, faults
-from dsum.config import Recipe, RecipeError, RunError
-from dsum.modeling import config_family, load_model, load_tokenizer
-from dsum.run_dir import (BASE_DIR, CHECKPOINTS, EVAL_DIR, FINAL, MARKER, RUN_FILE, STATE_FILE, checkpoint_path,
-                           complete_checkpoints, write_failure, written)
+from dsum.config import RecipeError, RunError
+from dsum.run_dir import (CHECKPOINTS, FINAL, MARKER, STATE_FILE, checkpoint_path, complete_checkpoints, write_failure,
+                          written)
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """The checkpoint that `--resume latest` or `--resume PATH` names."""
@@ -121,10 +120,6 @@ def safetensors_problem(file: Path, size: int) -> str | None:
 def saved_state(path: Path) -> dict[str, Any]:
     """What a checkpoint records besides the weights (its trainer_state.json): the step, the batch layout."""
     return json.loads((path / STATE_FILE).read_text())
-
-
-def short(err: Exception) -> str:
-    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
@@ -257,101 +252,3 @@ def gathered_state_dict(accelerator, model) -> dict[str, Any]:
         if name in state_dict and first in state_dict:
             state_dict[name] = state_dict[first]
     return state_dict
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading a checkpoint for evaluation
-
-
-def load_for_eval(recipe: Recipe, checkpoint: Path | None):
-    """(model, tokenizer): a full checkpoint, an adapter on its base, or the recipe's base alone. A checkpoint
-    brings what it needs from where it is: its own tokenizer (or its run's), and an adapter its base as
-    `adapter_config.json` names it; the recipe's base and output_dir serve where it names none."""
-    from transformers import AutoTokenizer
-
-    if checkpoint is None:
-        return load_model(recipe, recipe_base(recipe), for_training=False), load_tokenizer(recipe, Path(recipe.output_dir))
-    if not checkpoint.is_dir():
-        raise RecipeError(f"--checkpoint {checkpoint}: no such directory")
-    adapter = adapter_config(checkpoint)
-    check_checkpoint_family(recipe, checkpoint, adapter)
-    run = owning_run(checkpoint) or Path(recipe.output_dir)
-    tokenizer = (AutoTokenizer.from_pretrained(checkpoint) if (checkpoint / "tokenizer_config.json").is_file()
-                 else load_tokenizer(recipe, run))
-    if adapter is not None:
-        from peft import PeftModel
-
-        named = adapter.get("base_model_name_or_path")
-        base = named if named and (Path(named).is_dir() or not Path(named).is_absolute()) else recipe_base(recipe)
-        model = PeftModel.from_pretrained(load_model(recipe, base, for_training=False), checkpoint)
-        return (model.merge_and_unload() if recipe.eval.merge_adapter else model), tokenizer
-    if (checkpoint / "config.json").is_file():
-        recipe = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"method": "none"})})
-        return load_model(recipe, checkpoint, for_training=False), tokenizer
-    raise RecipeError(f"--checkpoint {checkpoint}: neither a model (config.json) nor an adapter (adapter_config.json)")
-
-
-def recipe_base(recipe: Recipe) -> str | Path:
-    """The recipe's base weights: model.name_or_path, or the random-init base its run wrote."""
-    if recipe.model.name_or_path is not None:
-        return recipe.model.name_or_path
-    base = Path(recipe.output_dir) / BASE_DIR
-    if not (base / "config.json").is_file():
-        raise RecipeError(f"model.architecture: no random-init base in {base}; train the recipe first, or give "
-                          "output_dir=RUN of the run that trained it")
-    return base
-
-
-def evaluation_dir(recipe: Recipe, checkpoint: Path | None) -> Path:
-    """Where `dsum eval` writes without --output-dir: a run's eval/ beside the final/ it evaluates; else the
-    recipe's output_dir/eval."""
-    run = owning_run(checkpoint) if checkpoint is not None and checkpoint.name == FINAL else None
-    return (run or Path(recipe.output_dir)) / EVAL_DIR
-
-
-def owning_run(checkpoint: Path) -> Path | None:
-    """The run directory a checkpoint belongs to (its `final/` or `checkpoints/step-N`), if it is in one."""
-    for candidate in (checkpoint.parent, checkpoint.parent.parent):
-        if (candidate / RUN_FILE).is_file():
-            return candidate
-    return None
-
-
-def adapter_config(checkpoint: Path) -> dict[str, Any] | None:
-    """A checkpoint's adapter_config.json, read once; None for a full model. One line where it does not read."""
-    path = checkpoint / "adapter_config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"--checkpoint {checkpoint}: adapter_config.json does not read ({short(err)}); expected "
-                          "the JSON object peft writes") from None
-    if not isinstance(config, dict):
-        raise RecipeError(f"--checkpoint {checkpoint}: adapter_config.json holds a {type(config).__name__}; expected "
-                          "the JSON object peft writes")
-    return config
-
-
-def check_checkpoint_family(recipe: Recipe, checkpoint: Path, adapter: dict[str, Any] | None) -> None:
-    """A checkpoint is evaluated with the recipe's model family: a seq2seq model under a causal recipe
-    (or the reverse) is refused in one line instead of failing deep in transformers."""
-    if adapter is not None:
-        task = adapter.get("task_type")
-        family = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}.get(task)
-        what = f"a {task} adapter"
-    elif (checkpoint / "config.json").is_file():
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(checkpoint)
-        except (OSError, ValueError) as err:
-            raise RecipeError(f"--checkpoint {checkpoint}: config.json does not read as a model config "
-                              f"({short(err)})") from None
-        family = config_family(config)
-        what = f"a {config.model_type} model, {family}"
-    else:
-        return  # load_for_eval says what is missing
-    if family is not None and family != recipe.model.family:
-        raise RecipeError(f"--checkpoint {checkpoint}: {what}, but the recipe's model.family is "
-                          f"{recipe.model.family}; evaluate it with the recipe it was trained with")

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
         dsum train RECIPE [key.sub=value ...] [--resume [PATH|latest|auto]] [--overwrite]
         dsum validate RECIPE [key.sub=value ...] [--num-processes N]
-        dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite] [--skip-finished]
+        dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--base NAME_OR_DIR] [--output-dir DIR] [--overwrite] ...
+        dsum export RUN_OR_CHECKPOINT --out DIR [--merge] [--dtype bf16|fp16|fp32] [--base NAME_OR_DIR] [--overwrite]
         dsum score --predictions FILE [--references FILE] [--prediction-field F] [--reference-field F ...] [--json]
         dsum compare RUN_OR_EVAL_DIR ... [--out DIR] [--samples K]
         dsum submit RECIPE --nodes N --gpus-per-node G [--job train|eval] [--accelerate NAME] [--time T] [--dry-run] ...
@@ -93,14 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="generate and score a model on eval.split")
     add_recipe_arguments(evaluate)
     evaluate.add_argument("--checkpoint", type=Path, metavar="DIR",
-                          help="a run's final/ (full model or adapter), from any directory; default: the recipe's base "
-                               "model, zero-shot")
+                          help="any checkpoint, from any directory: a run (its final/), final/ or checkpoints/step-N, "
+                               "full model or adapter; default: the recipe's base model, zero-shot")
+    evaluate.add_argument("--base", metavar="NAME_OR_DIR",
+                          help="the base --checkpoint's adapter goes onto (default: the one it was trained on)")
     evaluate.add_argument("--output-dir", type=Path, metavar="DIR",
-                          help="default: eval/ beside the final/ evaluated, else <output_dir>/eval")
+                          help="default: the run's eval/ for its final/, eval/step-N for a checkpoint; else "
+                               "<output_dir>/eval")
     evaluate.add_argument("--overwrite", action="store_true", help="replace a finished evaluation in the output directory")
     evaluate.add_argument("--skip-finished", action="store_true",
                           help="do nothing if the output directory holds a finished evaluation (for requeued jobs)")
     evaluate.set_defaults(run=run_evaluate)
+
+    export = sub.add_parser("export", help="write a checkpoint as a model transformers (or peft) loads without dsum")
+    export.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT",
+                        help="a run (its final/), final/, or checkpoints/step-N")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the model goes (made if missing)")
+    export.add_argument("--merge", action="store_true",
+                        help="fold a LoRA or QLoRA adapter into its base and write a full model (QLoRA: into the "
+                             "dequantised 4-bit base)")
+    export.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="of a full or merged model's weights (default: "
+                                                                      "model.dtype, as it trained)")
+    export.add_argument("--base", metavar="NAME_OR_DIR",
+                        help="the base an adapter goes onto (default: the one it was trained on)")
+    export.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    export.set_defaults(run=run_export)
 
     score = sub.add_parser("score", help="score existing predictions against references with dsum's ROUGE")
     score.add_argument("--predictions", required=True, type=Path, metavar="FILE", help=".jsonl, .csv or .txt")
@@ -273,7 +291,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dsum.evaluate import run_eval
 
     run_eval(recipe, checkpoint=args.checkpoint, output_dir=args.output_dir, overwrite=args.overwrite,
-             skip_finished=args.skip_finished)
+             skip_finished=args.skip_finished, base=args.base)
+    return 0
+
+
+EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from dsum.export import export
+
+    export(args.source, args.out, merge=args.merge, dtype=EXPORT_DTYPES.get(args.dtype), base=args.base,
+           overwrite=args.overwrite)
     return 0
 
 
@@ -395,9 +424,29 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow this one
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # bitsandbytes warns, offline, that it cannot fetch optional kernels from a hub; it runs without them.
-    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers.modeling_utils", "bitsandbytes"):
+    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers.modeling_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, unsaid in UNSAID:
+        logging.getLogger(name).addFilter(unsaid)  # the same filter each time: added once
+
+
+class Unsaid(logging.Filter):
+    """Drops a logger's records that begin with `start`, and nothing else."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+# Warnings that say nothing to a dsum user, by the logger they arise in. Where the `kernels` package is
+# installed, bitsandbytes (on a CPU with AVX512-BF16) asks it for an optional kernel from the Hub when it is
+# imported, which peft does for any LoRA. Offline, kernels warns that it cannot check the kernel's publisher,
+# and bitsandbytes that it goes without the kernel (without `kernels`, only the second): it runs without it.
+UNSAID = [("kernels._internals.hf_hub", Unsaid("Skipping publisher trust check for 'kernels-community/")),
+          ("bitsandbytes.backends.cpu.ops", Unsaid("Failed to load CPU gemm_4bit_forward from kernels-community"))]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What a run says on the console, besides its progress bars and the ROUGE table: one line before the
-first step (or an evaluation's first batch), one per validation, and one at the end naming what went where."""
+first step (or an evaluation's first batch, or an export), one per validation, and one at the end naming what
+went where."""
 
 from __future__ import annotations
 
@@ -68,3 +69,12 @@ def evaluation_summary(e: EvalConfig, model_source: str, dialogues: int, process
     decoding = ("sampling" if e.do_sample else "greedy" if e.num_beams == 1 else f"beam search ({e.num_beams} beams)")
     return (f"evaluating {model_source} on {e.split}: {dialogues} dialogues, {decoding}, up to {e.max_new_tokens} new "
             f"tokens, batches of {e.batch_size} per process x {plural(processes, 'process')}")
+
+
+def export_opening(source: Path, what: str, out: Path, how: str) -> str:
+    """One line before an export loads anything: which checkpoint, what it holds, how it is written, where."""
+    return f"exporting {source}, {what}, {how}, to {out}"
+
+
+def export_closing(out: Path, seconds: float, loader: str) -> str:
+    return f"finished in {duration(seconds)}: the export in {out}, which {loader}.from_pretrained loads without dsum"

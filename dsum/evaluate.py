@@ -1,6 +1,6 @@
 """Evaluation of a model on a recipe's `eval.split`: generate, score, write `predictions.jsonl` and `metrics.json`.
 
-    dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--output-dir DIR] [--overwrite]
+    dsum eval RECIPE [key.sub=value ...] [--checkpoint DIR] [--base NAME_OR_DIR] [--output-dir DIR] [--overwrite]
     accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 -m dsum eval RECIPE --checkpoint DIR
 """
 
@@ -16,11 +16,11 @@ from dsum.config import Recipe, RecipeError, recipe_to_dict
 from dsum.console import evaluation_summary
 from dsum.data import load_split
 from dsum.generate import PARTIAL_DIR, generate_predictions
-from dsum.checkpoint import evaluation_dir, load_for_eval
 from dsum.preemption import StopSignals, Stopped
 from dsum.prompts import pick_shots
 from dsum.run_info import RunInfo
 from dsum.scoring import ROUGE_KEYS, rouge_from_matrix, rouge_table, spread_score_matrix
+from dsum.trained import Checkpoint, check_merge, evaluation_dir, load_for_eval, read_checkpoint
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -140,11 +140,12 @@ def validation_rouge(recipe: Recipe, model, tokenizer, examples: list, accelerat
 
 
 def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None, overwrite: bool,
-             skip_finished: bool = False) -> dict | None:
+             skip_finished: bool = False, base: str | None = None) -> dict | None:
     """`dsum eval`: load the model the arguments name, then evaluate it.
 
-    The model is a trained run's `final/` (full weights, or a LoRA adapter loaded onto its base), any such
-    directory given with `--checkpoint`, or the recipe's base model alone (zero-shot).
+    The model is any checkpoint given with `--checkpoint` (a run, its `final/` or one of its
+    `checkpoints/step-N`: full weights, or an adapter loaded onto its base, `base` where given), or the
+    recipe's base model alone (zero-shot).
 
     SIGUSR1 or SIGTERM, from the start: stop after the current batch, keeping what is generated.
     """
@@ -152,8 +153,15 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
 
     from dsum.modeling import warn_of_remote_code
 
+    if base is not None and checkpoint is None:
+        raise RecipeError("--base: it names the base of --checkpoint's adapter; to evaluate a base model alone, "
+                          "set model.name_or_path")
     warn_of_remote_code(recipe)
-    output_dir = output_dir or evaluation_dir(recipe, checkpoint)
+    # Everything the checkpoint's loading will read, checked before anything is written.
+    trained = read_checkpoint(checkpoint, base=base, recipe=recipe) if checkpoint is not None else None
+    if trained is not None:
+        check_merge(recipe, trained)
+    output_dir = output_dir or evaluation_dir(recipe, trained)
     if (output_dir / METRICS_FILE).is_file() and not overwrite:
         if skip_finished:
             if distributed.is_main():
@@ -168,10 +176,10 @@ def run_eval(recipe: Recipe, *, checkpoint: Path | None, output_dir: Path | None
         (output_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
     distributed.barrier()
-    source = model_source(recipe, checkpoint)
+    source = model_source(recipe, trained)
     check_partial(output_dir, evaluation_identity(recipe, source))  # before the model is loaded: fail fast
     with StopSignals() as stop:
-        model, tokenizer = load_for_eval(recipe, checkpoint)
+        model, tokenizer = load_for_eval(recipe, trained)
         model = prepare_for_inference(accelerator, model, recipe)
         return evaluate(recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, output_dir=output_dir,
                         accelerator=accelerator, model_source=source, stop=stop)
@@ -193,10 +201,10 @@ def evaluate_run(recipe: Recipe, output_dir: Path) -> None:
     distributed.barrier()
 
 
-def model_source(recipe: Recipe, checkpoint: Path | None) -> str:
+def model_source(recipe: Recipe, checkpoint: Checkpoint | None) -> str:
     """The evaluated model as metrics.json names it: the checkpoint, or the base alone (zero-shot)."""
     if checkpoint is not None:
-        return str(checkpoint.resolve())
+        return str(checkpoint.path.resolve())
     return recipe.model.name_or_path or str((Path(recipe.output_dir) / run_dir.BASE_DIR).resolve())
 
 

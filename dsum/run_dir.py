@@ -24,7 +24,8 @@ from dsum.config import Recipe, RecipeError, RunError, recipe_to_dict
 #   base/           the random-init base (model.architecture), written once
 #   checkpoints/    step-NNNNNNNN/, complete once it holds COMPLETE; the newest save_total_limit kept
 #   final/          the model or adapter users load
-#   eval/           predictions.jsonl and metrics.json (partial/ while generating)
+#   eval/           predictions.jsonl and metrics.json (partial/ while generating); step-NNNNNNNN/ holds those
+#                   of a checkpoint that `dsum eval --checkpoint` evaluated
 #   tensorboard/    the tracker's events
 #   slurm/          `dsum submit`'s batch script and the job's logs: never deleted
 RUN_FILE = "run.json"

@@ -163,23 +163,48 @@ def test_a_users_own_malloc_settings_are_left_alone(monkeypatch, variable, value
     assert cpu_speed.keep_freed_host_memory() is False
 
 
+# Stands in for the `kernels` package with the Hub offline, as kernels 0.19 behaves there: bitsandbytes, on a
+# CPU with AVX512-BF16, asks it for a CPU kernel when it is imported; it warns, then fails.
+KERNELS_OFFLINE = """import logging
+
+
+def get_kernel(repo_id, version=None, **kwargs):
+    logging.getLogger("kernels._internals.hf_hub").warning(
+        f"Skipping publisher trust check for '{repo_id}' because Hugging Face Hub is in offline mode.")
+    raise FileNotFoundError(f"Version {version} of '{repo_id}' is not available in the local cache and Hugging "
+                            "Face Hub is in offline mode.")
+"""
+
+
+def offline_with_kernels(tmp_path: Path) -> dict[str, str]:
+    """The environment of a user offline with the `kernels` package installed."""
+    (tmp_path / "site" / "kernels").mkdir(parents=True)
+    (tmp_path / "site" / "kernels" / "__init__.py").write_text(KERNELS_OFFLINE)
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
+def stderr_without_bars(stderr: str) -> list[str]:
+    """What is left of stderr once the progress bars are taken out (a warning may follow a bar on its line)."""
+    left = [re.sub(r"^(train|generate): [^\]]*\]", "", part).strip() for part in re.split(r"[\r\n]", stderr)]
+    return [part for part in left if part]
+
+
 def test_the_console_says_what_happened_and_nothing_else(tmp_path):
     """A QLoRA T5 with activation checkpointing, checkpoints and validation, offline, as a user runs it: an
     opening summary, a line per validation, the ROUGE table and where everything went. No library
-    chatter: bitsandbytes' kernel hub, transformers' deprecated names, Accelerate's note on the tied
-    embeddings it drops from every checkpoint, and no word of a fast dropout the model (dropout 0) lacks."""
+    chatter: the kernel hub bitsandbytes and kernels cannot reach, transformers' deprecated names,
+    Accelerate's note on the tied embeddings it drops from every checkpoint, and no word of a fast dropout
+    the model (dropout 0) lacks."""
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "dsum", "train", str(ROOT / "recipes" / "tiny" / "t5-qlora.yaml"),
                              "train.max_steps=2", "train.save_steps=1", "train.eval_steps=1",
                              "train.gradient_checkpointing=true", "eval.validation_samples=2", "eval.max_new_tokens=4",
                              "data.synthetic.train_size=16", "data.synthetic.validation_size=4",
                              "data.synthetic.test_size=3", "tokenizer.vocab_size=300", f"output_dir={out}"],
-                            capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            capture_output=True, text=True, timeout=300, check=False, env=offline_with_kernels(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    # What is left of stderr once the progress bars are taken out (a warning may follow a bar on its line).
-    left = [re.sub(r"^(train|generate): [^\]]*\]", "", part).strip() for part in re.split(r"[\r\n]", result.stderr)]
-    assert [part for part in left if part] == []
+    assert stderr_without_bars(result.stderr) == []
     lines = result.stdout.splitlines()
     assert not any("dropout" in line for line in lines)
     opening = lines.index(f"training (qlora, fp32): 16 examples, 1 epoch, 2 optimizer steps (2 per epoch), global "
@@ -194,6 +219,32 @@ def test_the_console_says_what_happened_and_nothing_else(tmp_path):
     assert lines[-2] == f"evaluation written to {out / 'eval'}: metrics.json, predictions.jsonl"
     assert re.fullmatch(rf"finished in \d+\.\d s: the model in {out}/final, its log in {out}/metrics.jsonl, the run's "
                         rf"record in {out}/run.json, the evaluation in {out}/eval", lines[-1]), lines[-1]
+
+
+# dsum score, a full fine-tuning run and its export, in one process: none needs bitsandbytes.
+SCORE_TRAIN_EXPORT = """
+import sys
+from dsum.cli import main
+export, train = sys.argv[2:4], sys.argv[4:]
+statuses = [main(["score", "--predictions", sys.argv[1], "--json"]), main(["train", *train]), main(["export", *export])]
+print(statuses, "bitsandbytes" in sys.modules)
+"""
+
+
+def test_score_full_fine_tuning_and_its_export_import_no_bitsandbytes_and_say_nothing_else(tmp_path):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"prediction": "they meet", "summary": "they meet at noon"}\n')
+    result = subprocess.run([sys.executable, "-c", SCORE_TRAIN_EXPORT, str(predictions), str(tmp_path / "run"),
+                             f"--out={tmp_path / 'export'}", str(ROOT / "recipes" / "tiny" / "t5-full.yaml"),
+                             "train.max_steps=1",
+                             "data.synthetic.train_size=8", "data.synthetic.validation_size=2",
+                             "data.synthetic.test_size=2", "eval.max_new_tokens=2", "tokenizer.vocab_size=300",
+                             f"output_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=offline_with_kernels(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "[0, 0, 0] False"
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert stderr_without_bars(result.stderr) == []
 
 
 def test_version_is_the_installed_package_s():

@@ -143,3 +143,19 @@ def test_bitsandbytes_repacks_4bit_weights_for_the_cpu_only_where_its_flag_allow
     forward = inspect.getsource(bnb.nn.Linear4bit.forward)
     assert "self.support_avx512bf16_for_cpu" in forward and "not self.training" in forward, (
         "Linear4bit.forward repacks its weight under other conditions; see dsum/modeling.py keep_4bit_layout")
+
+
+def test_bitsandbytes_warns_of_the_kernel_hub_where_dsum_filters_it():
+    """dsum/cli.py UNSAID drops, by logger and by how it begins, the warning bitsandbytes logs when it cannot
+    fetch its optional CPU kernel (offline): a message or module renamed would reach the user again."""
+    import importlib
+    import inspect
+    import logging
+
+    from dsum.cli import UNSAID
+
+    name, unsaid = next((name, unsaid) for name, unsaid in UNSAID if name.startswith("bitsandbytes"))
+    module = importlib.import_module(name)
+    assert getattr(module, "logger", None) is logging.getLogger(name), f"{name} no longer logs on its own logger"
+    assert unsaid.start in inspect.getsource(module), (
+        f"{name} no longer warns {unsaid.start!r}; see dsum/cli.py UNSAID")

@@ -94,6 +94,47 @@ def evaluated_run(ws: Path, name: str = "evaluated", lines: list[str] | None = N
     return str(run)
 
 
+def fake_final(ws: Path, name: str = "final") -> Path:
+    """A full T5's final/ as far as its small files go: what an export or evaluation reads before the weights."""
+    path = ws / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
+    (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+def fake_adapter(ws: Path) -> Path:
+    """A LoRA adapter's final/ (its small files) that names its base."""
+    base = fake_final(ws, "base")
+    path = ws / "adapter"
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_2_SEQ_LM",
+                                                          "base_model_name_or_path": str(base)}))
+    (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+def fake_run(ws: Path, recipe: str, *, base: bool = True, tokenizer: bool = True) -> Path:
+    """A run of a tiny recipe with final/ (an adapter) and checkpoints/step-00000004, as far as the small files go."""
+    from dsum.config import load_recipe, recipe_to_dict
+
+    run = ws / f"run-of-{recipe}"
+    saved = recipe_to_dict(load_recipe(ROOT / "recipes" / "tiny" / f"{recipe}.yaml", [f"output_dir={run}"]))
+    step = run / "checkpoints" / "step-00000004"
+    for directory in (run / "final", step, *([run / "base"] if base else []), *([run / "tokenizer"] if tokenizer else [])):
+        directory.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "finished", "recipe": saved}))
+    (run / "final" / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_2_SEQ_LM"}))
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 4, "recipe": saved}))
+    (step / "COMPLETE").write_text("")
+    (step / "model.safetensors").write_bytes(b"weights")
+    if base:
+        (run / "base" / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
+    if tokenizer:
+        (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    return run
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -308,6 +349,52 @@ CASES = [
     ("eval-a-model-config-cut-short", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint", str(write(
         (ws / "cutmodel").mkdir() or ws / "cutmodel" / "config.json", '{"model_type": "t5", ').parent)],
      "cutmodel: config.json does not read as a model config"),
+    ("eval-a-checkpoint-whose-base-is-gone", lambda ws: [
+        "eval", recipe_file(ws, TINY), "--checkpoint", str(fake_run(ws, "t5-lora", base=False) / "checkpoints" /
+                                                           "step-00000004")],
+     "run-of-t5-lora/checkpoints/step-00000004: its random-init base is not in"),
+    ("eval-a-checkpoint-whose-tokenizer-is-gone", lambda ws: [
+        "eval", recipe_file(ws, TINY), "--checkpoint", str(fake_run(ws, "t5-lora", tokenizer=False) / "checkpoints" /
+                                                           "step-00000004")],
+     "step-00000004: no tokenizer: it holds none, and its run's trained tokenizer is not in"),
+    ("eval-merging-a-qlora-checkpoint", lambda ws: ["eval", recipe_file(ws, TINY), "eval.merge_adapter=true",
+                                                    "--checkpoint", str(fake_run(ws, "t5-qlora") / "final")],
+     "eval.merge_adapter: --checkpoint "),
+    ("eval-a-base-without-a-checkpoint", lambda ws: ["eval", recipe_file(ws, TINY), "--base", "google/flan-t5-base"],
+     "--base: it names the base of --checkpoint's adapter; to evaluate a base model alone, set model.name_or_path"),
+    ("eval-a-base-that-is-not-there", lambda ws: ["eval", recipe_file(ws, TINY), "--checkpoint", str(fake_adapter(ws)),
+                                                  "--base", str(ws / "nowhere")],
+     "nowhere: no such directory; expected a model directory or a Hub id"),
+    # dsum export.
+    ("export-into-a-directory-that-is-not-empty", lambda ws: [
+        "export", str(fake_final(ws)), "--out", str(write((ws / "out").mkdir() or ws / "out" / "mine.txt", "x").parent)],
+     "out is not empty; pass --overwrite to replace what it holds, or choose another directory"),
+    ("export-into-a-file", lambda ws: ["export", str(fake_final(ws)), "--out", str(write(ws / "out.txt", "x"))],
+     "out.txt is a file; expected a directory"),
+    ("export-into-the-checkpoint-it-reads", lambda ws: ["export", str(fake_final(ws)), "--out",
+                                                        str(ws / "final" / "exported")],
+     "exported: it holds, or is part of, what the export reads"),
+    ("export-over-the-run-it-reads", lambda ws: ["export", str(fake_run(ws, "t5-lora")), "--out",
+                                                 str(ws / "run-of-t5-lora" / "base"), "--overwrite"],
+     "base: it holds, or is part of, what the export reads"),
+    ("export-a-run-that-has-not-finished", lambda ws: ["export", stopped_run_with(
+        ws, {"trainer_state.json": "{}", "COMPLETE": ""}), "--out", str(ws / "out")],
+     "a run with no final/ (it has not finished training); name one of its checkpoints instead, such as"),
+    ("export-an-incomplete-checkpoint", lambda ws: ["export", str(write(
+        (ws / "step").mkdir() or ws / "step" / "trainer_state.json", "{}").parent), "--out", str(ws / "out")],
+     "step: an incomplete checkpoint (no COMPLETE: its save did not finish); name an earlier one"),
+    ("export-a-directory-of-no-checkpoint", lambda ws: ["export", str(ws), "--out", str(ws.parent / "out")],
+     "not a checkpoint dsum wrote; expected a run, its final/"),
+    ("export-merging-a-full-model", lambda ws: ["export", str(fake_final(ws)), "--out", str(ws / "out"), "--merge"],
+     "final is a full model; there is no adapter to merge"),
+    ("export-a-base-for-a-full-model", lambda ws: ["export", str(fake_final(ws)), "--out", str(ws / "out"), "--base",
+                                                   "google/flan-t5-base"],
+     "is a full model, which needs no base"),
+    ("export-a-bare-adapter-in-another-dtype", lambda ws: ["export", str(fake_adapter(ws)), "--out", str(ws / "out"),
+                                                           "--dtype", "bf16"],
+     "holds an adapter, which is exported as it was saved; --dtype sets the weights of a full model"),
+    ("export-t5-in-fp16", lambda ws: ["export", str(fake_final(ws)), "--out", str(ws / "out"), "--dtype", "fp16"],
+     "--dtype fp16: fp16 overflows in T5 models; use bf16 or fp32"),
     ("unknown-accelerate-config", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1",
                                               "--accelerate", "zero9", "--dry-run"],
      "--accelerate zero9: no such config; expected one of"),

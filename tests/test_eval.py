@@ -213,7 +213,7 @@ def test_the_comparison_report_renders_with_its_tables_and_plots(run_dir, tmp_pa
 def test_merging_the_adapter_before_generation_changes_nothing_but_the_model(tmp_path):
     from peft import PeftModel
 
-    from dsum.checkpoint import load_for_eval
+    from dsum.trained import load_for_eval
     from dsum.evaluate import run_eval
 
     recipe = tiny("t5-lora", tmp_path / "run", "train.max_steps=8", "eval.max_new_tokens=12")
@@ -232,7 +232,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_predictions(tmp_path, caps
 
     from dsum.config import RunError
     from dsum.data import load_split
-    from dsum.checkpoint import load_for_eval
+    from dsum.trained import load_for_eval
     from dsum.generate import generate_predictions
 
     for name in ("t5-full", "llama-full"):  # right- and left-padded prompts
@@ -278,7 +278,7 @@ def predict(final: Path, name: str, *overrides: str, watch=None):
     """Predictions for the test split in batches of 4 (prompts of mixed lengths; Llama's left-padded).
     `watch` is called with the model before it generates."""
     from dsum.data import load_split
-    from dsum.checkpoint import load_for_eval
+    from dsum.trained import load_for_eval
     from dsum.generate import generate_predictions
 
     recipe = tiny(name, final.parent, "eval.batch_size=4", "eval.max_new_tokens=10", *overrides)
@@ -354,7 +354,7 @@ def test_a_static_cache_is_compiled_only_when_asked_even_on_cuda(tiny_pair, monk
     import torch
     from transformers import StaticCache
 
-    from dsum.checkpoint import load_for_eval
+    from dsum.trained import load_for_eval
     from dsum.generate import generation_kwargs
 
     name, final = "llama-full", tiny_pair["llama-full"]

@@ -59,10 +59,10 @@ FLOW = [
     "data.example", "data.sources", "data.synthetic", "data",               # data
     "prompts", "features", "batching", "console", "cpu_speed", "loss", "sizing", "telemetry",  # features
     "modeling",                                                             # model
-    "checkpoint", "run_info",                                               # what a run writes
+    "checkpoint", "run_info", "trained",                                    # what a run writes, and reading it back
     "generate", "scoring", "evaluate",                                      # generate, score
     "train",                                                                # the loop, which validates with them
-    "report", "score_files", "preview", "submit",                           # report, and the other commands
+    "report", "score_files", "preview", "submit", "export",                 # report, and the other commands
     "bench.sizes", "bench.harness", "bench.table", "bench.recipes", "bench.options", "bench.peers", "bench.inputs",
     "bench.report", "bench.dsum_way", "bench.no_trainer", "bench.notebook", "bench.goals", "bench.three_ways",
     "bench", "cli", "__main__",                                             # the command on top
