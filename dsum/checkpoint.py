@@ -225,10 +225,30 @@ def save_final(accelerator, model, tokenizer, output_dir: Path) -> Path:
     """Write `final/`, what users load: safetensors of the full model (consolidated under ZeRO-3) or the LoRA
     adapter, and the tokenizer beside it."""
     final = output_dir / FINAL
-    state_dict = accelerator.get_state_dict(model)  # every rank takes part: ZeRO-3 gathers here
+    state_dict = gathered_state_dict(accelerator, model)  # every rank takes part: ZeRO-3 and FSDP gather here
     if distributed.is_main():
         with written(final, "final/") as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)  # safetensors
             tokenizer.save_pretrained(tmp)
     distributed.barrier()
     return final
+
+
+def gathered_state_dict(accelerator, model) -> dict[str, Any]:
+    """The whole model's weights on rank 0 (every rank takes part), as `save_pretrained` takes them. Under
+    FSDP an adapter's frozen base is not gathered (final/ holds the adapter alone), and the names of one
+    tied weight, gathered as separate tensors, are given one tensor again, so that `save_pretrained`
+    keeps one copy, as it does for a model that was never sharded."""
+    if not distributed.fsdp_sharded(model):
+        return accelerator.get_state_dict(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    adapter = hasattr(model, "peft_config")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
+    state_dict = get_model_state_dict(model, options=options)  # rank 0 holds it; the others, nothing
+    first_name = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(param, name)
+        if name in state_dict and first in state_dict:
+            state_dict[name] = state_dict[first]
+    return state_dict

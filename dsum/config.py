@@ -149,7 +149,7 @@ class QuantizationConfig(Section):
     compute_dtype: Dtype = "bfloat16"
     double_quant: bool = True
     storage_dtype: Dtype | Literal["uint8"] = Field(
-        "uint8", description="dtype the 4-bit weights are packed in; under ZeRO-3 it must equal model.dtype"
+        "uint8", description="dtype the 4-bit weights are packed in; under ZeRO-3 or FSDP it must equal model.dtype"
     )
 
 
@@ -510,14 +510,35 @@ def check_deepspeed(recipe: Recipe, zero_stage: int) -> None:
     if recipe.train.max_tokens_per_batch == "auto":
         raise RecipeError("train.max_tokens_per_batch: auto tries batches on the device before DeepSpeed takes the "
                           "model, which ZeRO cannot; give a number of tokens under DeepSpeed")
-    if recipe.train.compile and zero_stage == 3:
-        raise RecipeError("train.compile: not under ZeRO-3, as torch.compile does not reliably trace the hooks that "
-                          "gather its sharded weights; set train.compile: false")
+    if zero_stage == 3:
+        check_sharded(recipe, "ZeRO-3")
+
+
+def check_fsdp(recipe: Recipe, fsdp_version: int) -> None:
+    """What a recipe cannot do under FSDP: dsum shards with FSDP2 alone; batches sized by trials on the device
+    (auto) would be tried on the model before FSDP shards it, whose weights rank 0 alone then holds; and
+    what no sharding of the weights allows (`check_sharded`)."""
+    if fsdp_version != 2:
+        raise RecipeError(f"fsdp_config.fsdp_version is {fsdp_version} in the Accelerate config; dsum trains with "
+                          "FSDP2: set fsdp_version: 2")
+    if recipe.train.max_tokens_per_batch == "auto":
+        raise RecipeError("train.max_tokens_per_batch: auto tries batches on the device before FSDP shards the "
+                          "model; give a number of tokens under FSDP")
+    check_sharded(recipe, "FSDP")
+
+
+def check_sharded(recipe: Recipe, sharding: str) -> None:
+    """What a recipe cannot do where `sharding` (ZeRO-3, FSDP) splits the weights across ranks: compile its
+    blocks, or shard 4-bit weights packed in another dtype than the rest of the model, which each shard holds
+    in one flat tensor of one dtype."""
+    if recipe.train.compile:
+        raise RecipeError(f"train.compile: not under {sharding}, as torch.compile does not reliably trace the hooks "
+                          "that gather its sharded weights; set train.compile: false")
     storage = recipe.quantization.storage_dtype
-    if zero_stage == 3 and recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
+    if recipe.adapter.method == "qlora" and storage != recipe.model.dtype:
         raise RecipeError(
-            f"quantization.storage_dtype is {storage} but ZeRO-3 needs it to equal model.dtype ({recipe.model.dtype}) "
-            "to shard the 4-bit weights; set quantization.storage_dtype to the model dtype"
+            f"quantization.storage_dtype is {storage} but {sharding} needs it to equal model.dtype "
+            f"({recipe.model.dtype}) to shard the 4-bit weights; set quantization.storage_dtype to the model dtype"
         )
 
 

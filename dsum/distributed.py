@@ -1,6 +1,6 @@
 """The true process group (rank, world size, barriers and sums across every training process), which all that
-shards data, counts tokens or writes files asks, not Accelerate. Accelerate's own state is not always the truth:
-under DeepSpeed on a CPU it reports one process while DeepSpeed runs several."""
+shards data, counts tokens or writes files asks, not Accelerate, and the sharding of the weights (ZeRO-3, FSDP).
+Accelerate's own state is not always the truth: on a CPU it believes DeepSpeed alone, and trains FSDP as DDP."""
 
 from __future__ import annotations
 
@@ -135,6 +135,86 @@ def gather_objects(obj: Any) -> list[Any]:
 def zero3(accelerator) -> bool:
     """Whether DeepSpeed shards the weights (ZeRO-3), so every rank must join every forward pass."""
     return getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+
+
+def fsdp(accelerator) -> bool:
+    """Whether the launch is FSDP's, which shards the weights of the model that `prepare` is given."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether training shards the weights across ranks (ZeRO-3, FSDP), so every rank must join every forward pass."""
+    return zero3(accelerator) or fsdp(accelerator)
+
+
+def fsdp_sharded(model) -> bool:
+    """Whether FSDP2 has sharded this model; an evaluation's model under an FSDP launch is left whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def synced_gpus(accelerator, model) -> bool:
+    """generate's `synced_gpus` for this model: every rank must join every forward pass where its weights are
+    sharded, by ZeRO-3 or by FSDP."""
+    return zero3(accelerator) or fsdp_sharded(model)
+
+
+@contextmanager
+def whole_root(model) -> Iterator[None]:
+    """The weights of an FSDP2 model's root unit gathered for the length of the block. FSDP gathers a unit's
+    weights in that unit's forward, but generation calls T5's encoder, and the model inside a LoRA wrapper,
+    apart from the root module: after a backward, the root's own weights (T5's final norms, say) would stay
+    sharded there. Nothing for a model FSDP has not sharded."""
+    if not fsdp_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def fit_for_fsdp(accelerator, model) -> None:
+    """Under FSDP, before `prepare`: every tied weight in one FSDP unit. T5 embeds its encoder's and decoder's
+    tokens through Embedding modules of their own that share the input embedding's weight; Accelerate puts
+    the input embedding (and the output head tied to it) in a unit and leaves those two to the root unit, and
+    torch refuses a weight that two units hold. They become the input embedding module itself, as T5 was
+    built before transformers 5: the weights, their names and the saved files are the same."""
+    if not fsdp(accelerator):
+        return
+    import torch
+
+    embedding = model.get_input_embeddings()
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if module is not embedding and isinstance(module, torch.nn.Embedding) and module.weight is embedding.weight:
+            model.set_submodule(name, embedding)
+
+
+def configure_fsdp(accelerator) -> None:
+    """The one place FSDP's plugin is set, right after the Accelerator is built. Accelerate takes an FSDP
+    launch only on a GPU-like device: with ACCELERATE_USE_CPU=true it drops the plugin and trains the ranks
+    as DDP. torch's FSDP2 runs on a CPU over gloo, so there FSDP is turned back on with the plugin that
+    the launch's settings make (Accelerate's own; its state's two fields are pinned in tests/test_contracts.py)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    state = accelerator.state
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (asked and state.distributed_type == DistributedType.MULTI_CPU):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # already on the host: no device to pin its memory for
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # Every AcceleratorState() made later copies the process state's type over its own: both are set.
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
 
 
 def configure_deepspeed(accelerator, micro_batch: int, accumulation: int = 1, clipping: float | None = None) -> None:

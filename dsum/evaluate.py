@@ -49,7 +49,7 @@ def evaluate(recipe: Recipe, *, model, tokenizer, output_dir: Path, accelerator,
         print(evaluation_summary(recipe.eval, model_source, len(examples), distributed.world_size()), flush=True)
     started = time.perf_counter()
     predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device,
-                                       synced_gpus=distributed.zero3(accelerator), autocast=accelerator.autocast,
+                                       synced_gpus=distributed.synced_gpus(accelerator, model), autocast=accelerator.autocast,
                                        partial_dir=partial, progress=True, shots=shots, stop=stop)
     seconds = time.perf_counter() - started
     scoring_started = time.perf_counter()
@@ -131,7 +131,7 @@ def validation_rouge(recipe: Recipe, model, tokenizer, examples: list, accelerat
     """ROUGE of the model on validation examples, generated and scored as an evaluation does, for the
     training loop's validation: `validation_rouge1`, ... on rank 0, nothing on the others."""
     predictions = generate_predictions(recipe, model, tokenizer, examples, accelerator.device,
-                                       synced_gpus=distributed.zero3(accelerator), autocast=accelerator.autocast)
+                                       synced_gpus=distributed.synced_gpus(accelerator, model), autocast=accelerator.autocast)
     matrix = spread_score_matrix(predictions)
     if not distributed.is_main():  # the others' records are never written
         return {}

@@ -105,7 +105,7 @@ def generate_predictions(recipe: Recipe, model, tokenizer, examples: Sequence[Ex
         rows = [prompt_ids[i] for i in ids]
         input_ids = pad(rows, tokenizer.pad_token_id, left=left).to(device)
         attention_mask = pad([[1] * len(r) for r in rows], 0, left=left).to(device)
-        with autocast():
+        with autocast(), distributed.whole_root(model):
             output = generate_fitting(model, input_ids, attention_mask, kwargs, synced_gpus, fitting, encoder_batch)
         if repeat:
             continue

@@ -277,13 +277,14 @@ def logits_for_targets_only(model) -> bool:
 
 def materialize_base(recipe: Recipe, config: Any, output_dir: Path) -> Path:
     """Write a randomly initialised base to `<output_dir>/base` (seeded by train.seed) unless it is there. It is
-    always loaded from there, so that adapters, resumed runs and every rank see the same weights."""
-    from accelerate.utils import set_seed  # transformers' own is among its Trainer's utilities (see build_scheduler)
-
+    always loaded from there, so that adapters, resumed runs and every rank see the same weights. The draws
+    are made on a fork of torch's generator: the rank that writes the base and the ranks that read it go on
+    from the same random state (an adapter's initial weights, under FSDP, are each rank's own)."""
     base = output_dir / BASE_DIR
     if not (base / "config.json").is_file():
-        set_seed(recipe.train.seed)
-        model = auto_class(recipe.model.family).from_config(config, dtype=torch_dtype(recipe.model.dtype))
+        with torch.random.fork_rng(devices=[]):  # the device's generator is not drawn from here
+            torch.manual_seed(recipe.train.seed)
+            model = auto_class(recipe.model.family).from_config(config, dtype=torch_dtype(recipe.model.dtype))
         with written(base, "the random-init base") as tmp:
             model.save_pretrained(tmp)
     return base
@@ -317,6 +318,7 @@ def prepare_for_training(recipe: Recipe, model):
 
         # Checkpointing is switched on below, by its current name, rather than by peft's call of the old one.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layout(model)
     if checkpointing:
         enable_activation_checkpointing(model)
     if recipe.adapter.method != "none":
@@ -324,6 +326,16 @@ def prepare_for_training(recipe: Recipe, model):
         if checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place, for inference, the first time a
+    forward in eval mode sees it (a validation), and marks its quant state repacked: training on after it
+    reads the weights wrong, and under FSDP the repacked weight is a gathered copy that the next reshard drops
+    while the mark stays. A model in training keeps the layout it was quantized in."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -161,7 +161,20 @@ def launch_info(accelerator) -> dict[str, Any]:
     }
     if state.deepspeed_plugin is not None:
         info["deepspeed_config"] = json.loads(json.dumps(state.deepspeed_plugin.deepspeed_config, default=str))
+    if accelerator.distributed_type == "FSDP":
+        info["fsdp"] = fsdp_settings(state.fsdp_plugin)
     return info
+
+
+def fsdp_settings(plugin) -> dict[str, Any]:
+    """What FSDP did: its version, whether it frees a block's gathered weights after the forward, whether the
+    shards live in host memory, the checkpoints' state dict, and the block classes it made units of (once
+    `prepare` has read them from the model)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return {"version": plugin.fsdp_version, "reshard_after_forward": plugin.reshard_after_forward,
+            "offload": isinstance(plugin.cpu_offload, CPUOffloadPolicy), "state_dict_type": plugin.state_dict_type.name,
+            "wrapped_blocks": sorted(plugin.transformer_cls_names_to_wrap or [])}
 
 
 def versions() -> dict[str, str | None]:

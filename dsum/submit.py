@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from dsum.config import Recipe, RecipeError, check_deepspeed, read_yaml
+from dsum.config import Recipe, RecipeError, check_deepspeed, check_fsdp, read_yaml
 from dsum.run_dir import RUN_FILE, SLURM_DIR, read_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +133,10 @@ class AccelerateConfig:
     def deepspeed(self) -> bool:
         return self.settings.get("distributed_type") == "DEEPSPEED"
 
+    @property
+    def fsdp(self) -> bool:
+        return self.settings.get("distributed_type") == "FSDP"
+
 
 def accelerate_config(o: SubmitOptions) -> AccelerateConfig:
     """`--accelerate NAME` is accelerate_configs/NAME.yaml; a path is taken as it is."""
@@ -150,6 +154,8 @@ def check_recipe_fits(recipe: Recipe, config: AccelerateConfig) -> None:
     """What training would refuse at start-up under this config, refused before the job waits in a queue."""
     if config.deepspeed:
         check_deepspeed(recipe, int(config.settings.get("deepspeed_config", {}).get("zero_stage", 0)))
+    if config.fsdp:  # Accelerate's default version is 1
+        check_fsdp(recipe, int(config.settings.get("fsdp_config", {}).get("fsdp_version", 1)))
 
 
 def processes_per_node(o: SubmitOptions) -> int:

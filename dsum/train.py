@@ -18,7 +18,7 @@ from dsum import checkpoint, cpu_speed, distributed, faults, run_dir, sizing
 from dsum.console import opening_summary, validation_line
 from dsum.batching import BatchPlan, training_plan
 from dsum.compiling import CompiledBlocks
-from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed, recipe_to_dict
+from dsum.config import Recipe, RecipeError, RunError, TrainConfig, check_deepspeed, check_fsdp, recipe_to_dict
 from dsum.data import Example, load_split
 from dsum.features import Collator, Featurizer, feature_tokens
 from dsum.generate import check_generation
@@ -73,6 +73,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
         step_scheduler_with_optimizer=False,  # stepped below, once per optimizer step
         kwargs_handlers=distributed.process_group_kwargs(),
     )
+    distributed.configure_fsdp(accelerator)
     check_launch(accelerator, recipe)
     cpu_speed.start_run(accelerator.device)
     reset_gpu_peaks(accelerator.device)
@@ -119,9 +120,10 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     compiled = compile_blocks(model) if cfg.compile else None
     fast_dropout = cpu_speed.fast_dropout(model, cfg, accelerator.device, compiled=compiled is not None)
     if recipe.eval.after_training or recipe.eval.validation_samples:  # what generation refuses, refused now
-        check_generation(recipe.eval, model, synced_gpus=distributed.zero3(accelerator))
+        check_generation(recipe.eval, model, synced_gpus=distributed.shards_weights(accelerator))
+    parameters = describe_parameters(model)  # counted before FSDP shards 4-bit weights into plain DTensors
     if distributed.is_main():
-        print(describe_parameters(model), flush=True)
+        print(parameters, flush=True)
         if fast_dropout is not None and fast_dropout.active:
             print(fast_dropout.describe(), flush=True)
         if compiled is not None:
@@ -137,6 +139,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     distributed.configure_deepspeed(accelerator, cfg.per_device_batch_size, cfg.gradient_accumulation_steps,
                                     clipping=cfg.max_grad_norm or 0.0)
+    distributed.fit_for_fsdp(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # ---- resume ----------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def _train(recipe: Recipe, resume: str | None, overwrite: bool, run_tags: dict[s
 
     metrics = MetricsLog(output_dir, keep_through_step=step)
     run.update(total_steps=total_steps, global_batch_size=plan.global_batch_size, steps_per_epoch=plan.steps_per_epoch,
-               num_train_examples=plan.num_examples, truncation=truncation, parameters=describe_parameters(model),
+               num_train_examples=plan.num_examples, truncation=truncation, parameters=parameters,
                launch=launch_info(accelerator),  # now with DeepSpeed's filled-in config
                attention=attention,  # None: transformers' own choice
                max_tokens_per_batch=budget)
@@ -398,13 +401,15 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
 
 def check_launch(accelerator, recipe: Recipe) -> None:
     """Accelerate must see every launched process, gradient accumulation comes from the recipe alone,
-    and the ZeRO stage must suit the recipe."""
+    and the ZeRO stage or FSDP must suit the recipe."""
     cfg = recipe.train
     if accelerator.num_processes != distributed.world_size():
         raise RecipeError(
             f"the launcher started {distributed.world_size()} processes but Accelerate sees {accelerator.num_processes}; "
-            "the ranks would train apart (on a CPU, set ACCELERATE_USE_CPU=true for DDP)"
+            "the ranks would train apart (on a CPU, set ACCELERATE_USE_CPU=true for DDP and FSDP)"
         )
+    if distributed.fsdp(accelerator):
+        check_fsdp(recipe, accelerator.state.fsdp_plugin.fsdp_version)
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise RecipeError(
             f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps} but the Accelerate launch sets "

@@ -116,6 +116,35 @@ def test_accelerate_state_can_be_reset_between_the_bench_s_ways():
         "Accelerate's _reset_state no longer resets its state; see dsum/bench/harness.py fresh_state")
 
 
+def test_accelerate_keeps_the_fsdp_state_dsum_sets_on_a_cpu():
+    """dsum/distributed.py configure_fsdp turns FSDP back on where Accelerate drops it (on a CPU) by setting the
+    process state's and the Accelerator state's distributed_type and the latter's fsdp_plugin: Accelerate must
+    read FSDP2 from them, and every AcceleratorState made later (Accelerate makes some) must keep them."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    AcceleratorState()
+    assert accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2, (
+        "Accelerate no longer takes FSDP2 from its state's distributed_type and fsdp_plugin; see dsum/distributed.py "
+        "configure_fsdp")
+
+
+def test_bitsandbytes_repacks_4bit_weights_for_the_cpu_only_where_its_flag_allows():
+    """dsum/modeling.py keep_4bit_layout clears Linear4bit.support_avx512bf16_for_cpu so that a validation does not
+    repack a model's 4-bit weights in the middle of training."""
+    import bitsandbytes as bnb
+
+    assert hasattr(bnb.nn.Linear4bit(4, 4), "support_avx512bf16_for_cpu"), (
+        "bitsandbytes' Linear4bit lost support_avx512bf16_for_cpu; see dsum/modeling.py keep_4bit_layout")
+    forward = inspect.getsource(bnb.nn.Linear4bit.forward)
+    assert "self.support_avx512bf16_for_cpu" in forward and "not self.training" in forward, (
+        "Linear4bit.forward repacks its weight under other conditions; see dsum/modeling.py keep_4bit_layout")
+
+
 def test_bitsandbytes_warns_of_the_kernel_hub_where_dsum_filters_it():
     """dsum/cli.py UNSAID drops, by logger and by how it begins, the warning bitsandbytes logs when it cannot
     fetch its optional CPU kernel (offline): a message or module renamed would reach the user again."""

@@ -39,6 +39,13 @@ def data_dir(ws: Path, files: dict[str, str | bytes]) -> str:
     return f"data.source={d}"
 
 
+def accelerate_file(ws: Path, name: str, old: str, new: str) -> str:
+    """accelerate_configs/NAME.yaml with one setting changed, written into the workspace."""
+    path = ws / f"{name}.yaml"
+    path.write_text((ROOT / "accelerate_configs" / f"{name}.yaml").read_text().replace(old, new))
+    return str(path)
+
+
 def finished_run(ws: Path) -> str:
     run = ws / "finished"
     (run / "final").mkdir(parents=True)
@@ -228,6 +235,16 @@ CASES = [
     ("zero3-qlora-storage", lambda ws: ["submit", str(ROOT / "recipes" / "tiny" / "t5-qlora.yaml"), "--nodes", "1",
                                         "--gpus-per-node", "8", "--accelerate", "zero3", "--dry-run"],
      "quantization.storage_dtype is uint8 but ZeRO-3 needs it to equal model.dtype (float32)"),
+    ("fsdp-qlora-storage", lambda ws: ["submit", str(ROOT / "recipes" / "tiny" / "t5-qlora.yaml"), "--nodes", "1",
+                                       "--gpus-per-node", "8", "--accelerate", "fsdp", "--dry-run"],
+     "quantization.storage_dtype is uint8 but FSDP needs it to equal model.dtype (float32)"),
+    ("fsdp-token-budget-auto", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "8",
+                                           "--accelerate", "fsdp", "--dry-run", "train.max_tokens_per_batch=auto"],
+     "train.max_tokens_per_batch: auto tries batches on the device before FSDP shards the model"),
+    ("fsdp-version-1", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "8",
+                                   "--accelerate", accelerate_file(ws, "fsdp", "fsdp_version: 2", "fsdp_version: 1"),
+                                   "--dry-run"],
+     "fsdp_config.fsdp_version is 1 in the Accelerate config; dsum trains with FSDP2: set fsdp_version: 2"),
     ("arbitrary-python-as-architecture", lambda ws: ["validate", recipe_file(ws, TINY), "model.architecture={model_type: os.system}"],
      "model.architecture: unknown model_type 'os.system'"),
     # Data.

@@ -53,6 +53,18 @@ def test_cpu_jobs_name_their_process_count_and_use_gloo_unless_deepspeed(tmp_pat
     zero3 = dsum("submit", RECIPE, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2",
                  "--accelerate", "zero3", "--dry-run", f"output_dir={tmp_path}")
     assert "export DSUM_PROCS_PER_NODE=2" in zero3.stdout and "ACCELERATE_USE_CPU" not in zero3.stdout
+    fsdp = dsum("submit", RECIPE, "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2",
+                "--accelerate", "fsdp", "--dry-run", f"output_dir={tmp_path}")
+    assert "export ACCELERATE_USE_CPU=true" in fsdp.stdout  # FSDP2 shards over gloo on a CPU (dsum/distributed.py)
+
+
+@pytest.mark.parametrize("config", ["fsdp", "fsdp_offload"])
+def test_fsdp_configs_are_accepted_by_name(tmp_path, config):
+    done = dsum("submit", RECIPE, "--nodes", "2", "--gpus-per-node", "8", "--accelerate", config, "--dry-run",
+                f"output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert f"export DSUM_ACCELERATE_CONFIG={ROOT}/accelerate_configs/{config}.yaml" in done.stdout
+    assert "2 node(s) x 8 process(es) = 16 processes" in done.stdout
 
 
 def test_eval_jobs_render_from_eval_slurm(tmp_path):

@@ -84,6 +84,15 @@ def test_resume_continues_at_the_exact_batch(tmp_path):
     assert_same_weights(tmp_path / "straight", resumed, atol=1e-6)
 
 
+def test_a_validation_between_steps_leaves_qlora_training_as_it_was(tmp_path):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference at the first forward in eval
+    mode; the steps after a validation would train on them wrongly (dsum/modeling.py keep_4bit_layout)."""
+    common = ["train.max_steps=3", "train.per_device_batch_size=2", "train.eval_max_batches=1"]
+    train(tiny("t5-qlora", tmp_path / "plain", *common))
+    train(tiny("t5-qlora", tmp_path / "validated", *common, "train.eval_steps=1"))
+    assert losses(tmp_path / "validated") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+
+
 @pytest.mark.parametrize("change", ["train.learning_rate=1e-2", "model.architecture.num_layers=3",
                                     "train.label_smoothing=0.1", "tokenizer.max_source_length=200"])
 def test_a_resume_that_would_change_the_run_is_refused_naming_the_key(tmp_path, change):
