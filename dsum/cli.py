@@ -48,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(message: str, status: int) -> int:
-    """Print the one line last, after any progress bar the error cut short."""
+    """Print the one line last, after any progress bar the error cut short, in one write: the lines of ranks
+    that fail together never interleave."""
     from tqdm import tqdm
 
     for bar in list(tqdm._instances):
         bar.close()
-    print(message, file=sys.stderr, flush=True)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
     return status
 
 

@@ -22,7 +22,9 @@ from dsum.run_dir import (BASE_DIR, CHECKPOINTS, EVAL_DIR, FINAL, MARKER, RUN_FI
 FINAL_LAYOUT = "final"  # config.json and model.safetensors, or adapter_config.json and adapter_model.safetensors
 ACCELERATE = "accelerate"  # one process or DDP: model.safetensors, the state dict of the model as it trained
 DEEPSPEED = "deepspeed"  # ZeRO-2 or ZeRO-3: each rank's shards in a folder that `latest` names
+FSDP = "fsdp"  # FSDP's sharded state dict: torch.distributed.checkpoint's files, one per rank, in FSDP_WEIGHTS
 ACCELERATE_WEIGHTS = "model.safetensors"
+FSDP_WEIGHTS = "pytorch_model_fsdp_0"  # Accelerate's name for the first (dsum's only) model's sharded weights
 METHODS = {"none": "full model", "lora": "LoRA adapter", "qlora": "QLoRA adapter"}
 
 
@@ -53,7 +55,7 @@ class Checkpoint:
         """In words: "the LoRA adapter saved at step 4 (DeepSpeed ZeRO shards)"."""
         if self.layout == FINAL_LAYOUT:
             return f"the {METHODS[self.method]} in {self.path.name}/"
-        shards = "DeepSpeed ZeRO shards" if self.layout == DEEPSPEED else "Accelerate state"
+        shards = {DEEPSPEED: "DeepSpeed ZeRO shards", FSDP: "FSDP shards"}.get(self.layout, "Accelerate state")
         return f"the {METHODS[self.method]} saved at step {self.step} ({shards})"
 
 
@@ -105,8 +107,7 @@ def run_final(run: Path, label: str) -> Path:
 
 
 def layout_of(path: Path, label: str) -> str:
-    """The layout a checkpoint is in, told by the files only it has. A new layout (FSDP's sharded state
-    dicts, in torch.distributed.checkpoint format) is told here and read in `saved_weights`."""
+    """The layout a checkpoint is in, told by the files only it has; `saved_weights` reads each."""
     if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return FINAL_LAYOUT
     if not (path / STATE_FILE).is_file():
@@ -117,10 +118,12 @@ def layout_of(path: Path, label: str) -> str:
                           "earlier one")
     if (path / "latest").is_file():  # DeepSpeed's engine names the folder of its shards in `latest`
         return DEEPSPEED
+    if (path / FSDP_WEIGHTS / ".metadata").is_file():  # torch.distributed.checkpoint's index of the shards
+        return FSDP
     if (path / ACCELERATE_WEIGHTS).is_file():
         return ACCELERATE
     raise RecipeError(f"{label}: a checkpoint whose weights are in no layout dsum reads (expected "
-                      f"{ACCELERATE_WEIGHTS}, or DeepSpeed's `latest` and its shards)")
+                      f"{ACCELERATE_WEIGHTS}, DeepSpeed's `latest` and its shards, or FSDP's {FSDP_WEIGHTS}/)")
 
 
 def owning_run(checkpoint: Path) -> Path | None:
@@ -353,7 +356,7 @@ def adapter_model(checkpoint: Checkpoint, dequantize: bool):
 
 def saved_weights(checkpoint: Checkpoint, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The weights a checkpoint saved mid-run, keyed as `model.state_dict()` keys them: all, or only `names`."""
-    readers = {ACCELERATE: accelerate_weights, DEEPSPEED: zero_weights}  # one per layout `layout_of` tells
+    readers = {ACCELERATE: accelerate_weights, DEEPSPEED: zero_weights, FSDP: fsdp_weights}  # one per layout
     try:
         return readers[checkpoint.layout](checkpoint.path, names)
     except (OSError, ValueError, RuntimeError) as err:  # safetensors' own errors are ValueErrors too
@@ -375,6 +378,22 @@ def zero_weights(path: Path, names: set[str] | None) -> dict[str, torch.Tensor]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), exclude_frozen_parameters=names is not None)
     return {key: value for key, value in state.items() if names is None or key in names}
+
+
+def fsdp_weights(path: Path, names: set[str] | None) -> dict[str, torch.Tensor]:
+    """The weights of an FSDP checkpoint, its shards read into whole tensors in this one process by
+    torch.distributed.checkpoint; only `names` where given (an adapter's, without its frozen base)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(path / FSDP_WEIGHTS)
+    prefix = "model."  # Accelerate saves {"model": state_dict}, which the index keys flattened
+    weights = {key.removeprefix(prefix): torch.empty(saved.size, dtype=saved.properties.dtype)
+               for key, saved in reader.read_metadata().state_dict_metadata.items()
+               if isinstance(saved, TensorStorageMetadata) and key.startswith(prefix)
+               and (names is None or key.removeprefix(prefix) in names)}
+    dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------

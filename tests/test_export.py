@@ -1,6 +1,6 @@
 """Any checkpoint, as it is: `dsum export` writes full models, merged LoRA and QLoRA adapters and bare adapters
 that transformers and peft load without dsum and that compute what was trained, from final/, from a checkpoint
-saved mid-run and from DeepSpeed ZeRO-3's shards; `dsum eval --checkpoint` evaluates each of them."""
+saved mid-run and from ZeRO-3's and FSDP's shards; `dsum eval --checkpoint` evaluates each of them."""
 
 from __future__ import annotations
 
@@ -172,38 +172,52 @@ def test_a_checkpoint_saved_mid_run_is_evaluated_from_anywhere_as_the_model_it_w
     assert not (tmp_path / "runs").exists()  # the recipe's own output_dir was never written
 
 
-@pytest.fixture(scope="module")
-def zero3(tmp_path_factory) -> Path:
-    """A LoRA T5 trained by two ZeRO-3 ranks of 2 examples each for 2 steps, checkpointed after the first."""
+# Runs sharded across two ranks, as users launch them: the Accelerate config, the tiny recipe, the environment,
+# and how the export's opening line names step 1's checkpoint.
+SHARDED = {
+    "zero3": ("zero3", "t5-lora", {}, "the LoRA adapter saved at step 1 (DeepSpeed ZeRO shards), merged into its base"),
+    "fsdp": ("fsdp", "t5-full", {"ACCELERATE_USE_CPU": "true"}, "the full model saved at step 1 (FSDP shards), in "),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHARDED))
+def sharded(request, tmp_path_factory) -> tuple[str, Path]:
+    """A run trained by two ranks of 2 examples each for 2 steps, checkpointed after the first, in its
+    launcher's own layout of shards: (the recipe's name, the run)."""
     from test_distributed import free_port
 
-    out = tmp_path_factory.mktemp("zero3") / "run"
+    config, name, env, _ = SHARDED[request.param]
+    out = tmp_path_factory.mktemp(request.param) / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "zero3.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "-m", "dsum", "train", str(ROOT / "recipes" / "tiny" / "t5-lora.yaml"),
+               str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", "2", "--main_process_port",
+               str(free_port()), "-m", "dsum", "train", str(ROOT / "recipes" / "tiny" / f"{name}.yaml"),
                "data.synthetic.train_size=64", "data.synthetic.validation_size=8", "data.synthetic.test_size=5",
                "eval.after_training=false", "tokenizer.vocab_size=400", "train.max_steps=2", "train.save_steps=1",
                "train.per_device_batch_size=2", f"output_dir={out}"]
-    result = subprocess.run(command, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=out.parent, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **env})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (out / STEP_1 / "latest").is_file()  # DeepSpeed's own layout, shards per rank
-    return out
+    shards = "latest" if config == "zero3" else "pytorch_model_fsdp_0"  # each launcher's own layout, a file per rank
+    assert (out / STEP_1 / shards).exists()
+    return request.param, out
 
 
 @pytest.mark.slow
-def test_a_zero3_checkpoint_exports_and_evaluates_as_one_process_trained_it(zero3, tmp_path):
-    """The ZeRO-3 shards of step 1, gathered in one process, are the model one process makes in one step of
-    the same global batch: exported, merged, and evaluated."""
+def test_a_sharded_checkpoint_exports_and_evaluates_as_one_process_trained_it(sharded, tmp_path):
+    """Step 1's shards (ZeRO-3's, FSDP's), gathered in one process, are the model one process makes in one step
+    of the same global batch: exported (an adapter merged), and evaluated."""
     from dsum.cli import train_and_evaluate
 
+    launch, run = sharded
+    _, name, _, opening = SHARDED[launch]
     single = tmp_path / "single"
-    train_and_evaluate(tiny("t5-lora", single, "train.max_steps=1", "train.per_device_batch_size=4",
+    train_and_evaluate(tiny(name, single, "train.max_steps=1", "train.per_device_batch_size=4",
                             "eval.after_training=true", "eval.max_new_tokens=8"))
-    lines = export(zero3 / STEP_1, tmp_path / "merged", "--merge")
-    assert "the LoRA adapter saved at step 1 (DeepSpeed ZeRO shards), merged into its base" in lines[0]
-    loaded = load_without_dsum(tmp_path, {"zero3": ("seq2seq", tmp_path / "merged")})
-    torch.testing.assert_close(loaded["zero3"], as_trained(single, "t5-lora"), atol=1e-4, rtol=0)
-    result = run_dsum("eval", str(ROOT / "recipes" / "tiny" / "t5-lora.yaml"), "data.synthetic.test_size=5",
-                      "eval.max_new_tokens=8", f"output_dir={tmp_path / 'unused'}", "--checkpoint", str(zero3 / STEP_1))
+    lines = export(run / STEP_1, tmp_path / "export", *([] if name.endswith("full") else ["--merge"]))
+    assert opening in lines[0]
+    loaded = load_without_dsum(tmp_path, {launch: (family(name), tmp_path / "export")})
+    torch.testing.assert_close(loaded[launch], as_trained(single, name), atol=1e-4, rtol=0)
+    result = run_dsum("eval", str(ROOT / "recipes" / "tiny" / f"{name}.yaml"), "data.synthetic.test_size=5",
+                      "eval.max_new_tokens=8", f"output_dir={tmp_path / 'unused'}", "--checkpoint", str(run / STEP_1))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert predictions(zero3 / "eval" / STEP_1.name) == predictions(single / "eval")
+    assert predictions(run / "eval" / STEP_1.name) == predictions(single / "eval")
