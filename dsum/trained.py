@@ -1,5 +1,5 @@
 """A trained model read back from any checkpoint dsum wrote, in whichever layout it is (`final/`, Accelerate's
-`checkpoints/step-N`, DeepSpeed ZeRO's shards), with the base and tokenizer it was trained with."""
+`checkpoints/step-N`, DeepSpeed ZeRO's or FSDP's shards), with the base and tokenizer it was trained with."""
 
 from __future__ import annotations
 
