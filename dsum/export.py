@@ -6,7 +6,9 @@ dsum, its adapter merged into its base on request.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from dsum.config import RecipeError
 from dsum.console import export_closing, export_opening
 from dsum.modeling import T5_TYPES, torch_dtype, warn_of_remote_code
 from dsum.run_dir import RUN_ENTRIES, written
-from dsum.trained import Checkpoint, load_trained, read_checkpoint
+from dsum.trained import FINAL_LAYOUT, Checkpoint, load_trained, read_checkpoint
 
 # What generate() takes from generation_config.json: the decoding dsum eval uses, so that the export
 # generates as the run was evaluated (the prompt is the caller's to build).
@@ -34,18 +36,39 @@ def export(source: Path, out: Path, *, merge: bool, dtype: str | None, base: str
     whole = merge or checkpoint.method == "none"
     dtype = dtype or checkpoint.recipe.model.dtype
     print(export_opening(source, checkpoint.describe(), out, how(checkpoint, merge, dtype)), flush=True)
+    copied = not whole and checkpoint.layout == FINAL_LAYOUT  # peft's files already: no model is loaded
+    model, tokenizer = (None, None) if copied else model_to_export(checkpoint, merge=merge, dtype=dtype)
+    with written(out, "the export") as tmp:
+        if copied:
+            copy_adapter(checkpoint, tmp)
+        else:
+            model.save_pretrained(tmp)  # safetensors
+            tokenizer.save_pretrained(tmp)
+    print(export_closing(out, time.perf_counter() - started, loader(checkpoint, whole)), flush=True)
+    return out
+
+
+def model_to_export(checkpoint: Checkpoint, *, merge: bool, dtype: str):
+    """(model, tokenizer) as they are saved: a full model (an adapter merged in) in `dtype`, generating as the
+    run was evaluated; or an adapter saved mid-run, naming its base."""
     model, tokenizer = load_trained(checkpoint, dequantize=merge)
-    if whole:
+    if merge or checkpoint.method == "none":
         model = (model.merge_and_unload() if merge else model).to(torch_dtype(dtype))
         model.config.use_cache = True  # training with activation checkpointing saved it switched off
         model.generation_config.update(**generation_settings(checkpoint, tokenizer))
     else:  # recorded in adapter_config.json, where AutoPeftModel finds it
         model.peft_config["default"].base_model_name_or_path = str(checkpoint.base)
-    with written(out, "the export") as tmp:
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-    print(export_closing(out, time.perf_counter() - started, loader(checkpoint, whole)), flush=True)
-    return out
+    return model, tokenizer
+
+
+def copy_adapter(checkpoint: Checkpoint, out: Path) -> None:
+    """final/'s adapter and tokenizer as peft and transformers saved them, its adapter_config.json naming the
+    base it goes onto (made absolute, or given with --base), so that a 7B base is never loaded to copy an
+    adapter of a few MB."""
+    shutil.copytree(checkpoint.path, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(checkpoint.base)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def check_export(source: Path, out: Path, *, merge: bool, dtype: str | None, base: str | None,

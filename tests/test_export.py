@@ -110,7 +110,8 @@ def export(source: Path, out: Path, *options: str) -> list[str]:
     return result.stdout.splitlines()
 
 
-def test_every_kind_of_model_exports_as_transformers_loads_it_and_computes_what_was_trained(runs, one_step, tmp_path):
+def test_every_kind_of_model_exports_as_transformers_loads_it_and_computes_what_was_trained(runs, one_step, tmp_path,
+                                                                                           monkeypatch):
     exports = {}
     for name in NAMES:
         merge = [] if name.endswith("full") else ["--merge"]
@@ -127,8 +128,14 @@ def test_every_kind_of_model_exports_as_transformers_loads_it_and_computes_what_
     for name in one_step:
         export(runs[name] / STEP_1, tmp_path / f"{name}-step-1", *([] if name.endswith("full") else ["--merge"]))
         exports[f"{name}-step-1"] = (family(name), tmp_path / f"{name}-step-1")
-    # An adapter alone: what peft's AutoPeftModel loads, onto the base it names.
-    lines = export(runs["t5-lora"], tmp_path / "t5-lora-adapter")
+    # An adapter alone: what peft's AutoPeftModel loads, onto the base it names; final/'s own files, copied
+    # without loading any model.
+    with monkeypatch.context() as patched:
+        patched.setattr("dsum.export.load_trained", lambda *a, **k: pytest.fail("a model loaded to copy an adapter"))
+        lines = export(runs["t5-lora"], tmp_path / "t5-lora-adapter")
+    saved = [(d / "adapter_model.safetensors").read_bytes()
+             for d in (runs["t5-lora"] / "final", tmp_path / "t5-lora-adapter")]
+    assert saved[0] == saved[1]
     assert lines[0].endswith(f"as a PEFT adapter on {(runs['t5-lora'] / 'base').resolve()}, to {tmp_path / 't5-lora-adapter'}")
     exports["t5-lora-adapter"] = ("adapter", tmp_path / "t5-lora-adapter")
 
