@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow
 
 # name: (Accelerate config, overrides of both runs, overrides of the FSDP run alone, the blocks FSDP wraps)
 CASES = {
-    # Tied embeddings, and validation with generation between steps (T5 calls its encoder apart from the root).
-    "t5-full": ("fsdp", ["train.eval_steps=2", "eval.validation_samples=4", "eval.max_new_tokens=8"], [], ["T5Block"]),
+    # Tied embeddings, and validation with generation between steps (T5 calls its encoder apart from the root);
+    # the FSDP run then evaluates final/, loaded whole on each rank, the dialogues shared out.
+    "t5-full": ("fsdp", ["train.eval_steps=2", "eval.validation_samples=4", "eval.max_new_tokens=8"],
+                ["eval.after_training=true", "data.synthetic.test_size=6"], ["T5Block"]),
     # Saves step 2 for the resume test below.
     "t5-lora": ("fsdp", [], ["train.save_steps=2"], ["T5Block"]),
     # Two micro-batches of one per rank: accumulation and the per-token loss across ranks.
@@ -92,6 +94,9 @@ def test_two_ranks_under_fsdp_equal_one_rank_with_twice_the_batch(runs, name):
     # final/ is gathered whole: the same files, tied weights stored once, as one process writes them.
     assert sorted(p.name for p in (fsdp / "final").iterdir()) == sorted(p.name for p in (single / "final").iterdir())
     assert_same_weights(fsdp, single, atol=2e-4)  # Adam magnifies the order of FSDP's float sums in the LoRA weights
+    if name == "t5-full":
+        evaluation = json.loads((fsdp / "eval" / "metrics.json").read_text())
+        assert evaluation["world_size"] == 2 and evaluation["n"] == 6 and run["status"] == "finished"
 
 
 def test_a_run_resumed_under_fsdp_equals_the_straight_run(runs, tmp_path):
