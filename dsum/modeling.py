@@ -41,28 +41,36 @@ def load_tokenizer(recipe: Recipe, output_dir: Path, corpus: Callable[[], Iterab
     """The recipe's tokenizer. A trained one (tokenizer.train) is read from `<output_dir>/tokenizer/`
     where `cached` and it is there; else it is trained from `corpus()`, on rank 0 and handed to the
     others, and nothing is written: `save_tokenizer` does that once the run holds its directory."""
-    from transformers import AutoTokenizer
-
     if recipe.tokenizer.train:
         cache = output_dir / TOKENIZER_DIR
         if cached and (cache / "tokenizer.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(cache)
+            tokenizer = read_tokenizer(cache)
         elif corpus is None:
             raise RecipeError(f"tokenizer.train: no trained tokenizer in {cache}; train a run there first")
         else:
             tokenizer = shared_trained_tokenizer(recipe, corpus)
     else:
         source = recipe.tokenizer.name_or_path or recipe.model.name_or_path
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-            )
-        except OSError as err:
-            raise cannot_load("tokenizer", source, err) from None
+        tokenizer = read_tokenizer(source, revision=recipe.model.revision,
+                                   trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token is None:
         # Llama-style tokenizers ship without a pad token; padding is masked, so any id will do.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def read_tokenizer(source: str | Path, **kwargs):
+    """AutoTokenizer.from_pretrained, and one line where it fails: a tokenizer that is not there (or out of
+    reach), or files that are not what they say (a tokenizer.json cut short, or of another shape)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise cannot_load("tokenizer", str(source), err) from None
+    except Exception as err:  # noqa: BLE001 - transformers and tokenizers raise what their parsers raise
+        raise RecipeError(f"tokenizer: {source} does not read as a tokenizer ({type(err).__name__}: "
+                          f"{first_line(err)})") from None
 
 
 def shared_trained_tokenizer(recipe: Recipe, corpus: Callable[[], Iterable[str]]):
@@ -302,9 +310,11 @@ def load_model(recipe: Recipe, source: str | Path, *, for_training: bool = True,
         kwargs["attn_implementation"] = attention or recipe.model.attn_implementation
     if recipe.adapter.method == "qlora":
         kwargs["quantization_config"] = bnb_config(recipe)
+    from safetensors import SafetensorError
+
     try:
         model = auto_class(recipe.model.family).from_pretrained(source, **kwargs)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # not there, or a weights file cut short (a copy that did not finish)
         raise cannot_load("model", str(source), err) from None
     if for_training:
         model = prepare_for_training(recipe, model)
@@ -408,7 +418,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def cannot_load(field: str, source: str, err: OSError) -> RecipeError:
+def cannot_load(field: str, source: str, err: Exception) -> RecipeError:
     """The one-line error for a tokenizer or model that does not load. Where the Hub could not be
     reached, it says how to fail at once next time: without a cached copy, huggingface_hub retries a
     network error with backoff (about 25 s a file) before giving up."""

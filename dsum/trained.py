@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dsum.config import AdapterConfig, ModelConfig, Recipe, RecipeError, validate_recipe
-from dsum.modeling import add_lora, auto_class, config_family, load_model, load_tokenizer, torch_dtype
+from dsum.modeling import add_lora, auto_class, config_family, load_model, load_tokenizer, read_tokenizer, torch_dtype
 from dsum.run_dir import (BASE_DIR, CHECKPOINTS, EVAL_DIR, FINAL, MARKER, RUN_FILE, STATE_FILE, TOKENIZER_DIR,
                           complete_checkpoints)
 
@@ -310,10 +310,8 @@ def load_trained(checkpoint: Checkpoint, *, dequantize: bool = False):
 
 
 def checkpoint_tokenizer(checkpoint: Checkpoint):
-    from transformers import AutoTokenizer
-
     if (checkpoint.path / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(checkpoint.path)
+        return read_tokenizer(checkpoint.path)
     return load_tokenizer(checkpoint.recipe, checkpoint.run or Path(checkpoint.recipe.output_dir))
 
 
@@ -359,7 +357,8 @@ def saved_weights(checkpoint: Checkpoint, names: set[str] | None = None) -> dict
     readers = {ACCELERATE: accelerate_weights, DEEPSPEED: zero_weights, FSDP: fsdp_weights}  # one per layout
     try:
         return readers[checkpoint.layout](checkpoint.path, names)
-    except (OSError, ValueError, RuntimeError) as err:  # safetensors' own errors are ValueErrors too
+    except Exception as err:  # noqa: BLE001 - the readers only read files: whatever they raise (safetensors'
+        # SafetensorError, a pickle that does not unpickle, a torch error), the files are not what they should be
         raise RecipeError(f"{checkpoint.label}: its weights do not read ({type(err).__name__}: {short(err)})") from None
 
 

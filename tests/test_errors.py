@@ -135,6 +135,17 @@ def fake_run(ws: Path, recipe: str, *, base: bool = True, tokenizer: bool = True
     return run
 
 
+def with_tokenizer(run: Path) -> Path:
+    """The run's trained tokenizer, a real one of three tokens in place of the fake."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "<pad>": 2}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(run / "tokenizer")
+    return run
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -393,6 +404,16 @@ CASES = [
     ("export-a-bare-adapter-in-another-dtype", lambda ws: ["export", str(fake_adapter(ws)), "--out", str(ws / "out"),
                                                            "--dtype", "bf16"],
      "holds an adapter, which is exported as it was saved; --dtype sets the weights of a full model"),
+    # Weights cut short (a copy that did not finish): one line, whether saved mid-run or in final/.
+    ("export-a-checkpoint-whose-weights-are-cut-short", lambda ws: [
+        "export", str(with_tokenizer(fake_run(ws, "t5-full")) / "checkpoints" / "step-00000004"), "--out",
+        str(ws / "out")], "step-00000004: its weights do not read (SafetensorError: "),
+    ("export-a-checkpoint-whose-run-tokenizer-does-not-read", lambda ws: [
+        "export", str(fake_run(ws, "t5-full") / "checkpoints" / "step-00000004"), "--out", str(ws / "out")],
+     "tokenizer does not read as a tokenizer (KeyError: 'added_tokens')"),
+    ("eval-a-final-whose-weights-are-cut-short", lambda ws: [
+        "eval", recipe_file(ws, TINY), "--checkpoint", str(write(fake_final(ws) / "model.safetensors", "weig").parent)],
+     "model: cannot load "),
     ("export-t5-in-fp16", lambda ws: ["export", str(fake_final(ws)), "--out", str(ws / "out"), "--dtype", "fp16"],
      "--dtype fp16: fp16 overflows in T5 models; use bf16 or fp32"),
     ("unknown-accelerate-config", lambda ws: ["submit", recipe_file(ws, TINY), "--nodes", "1", "--gpus-per-node", "1",
